@@ -1,0 +1,45 @@
+# rpnlab: `make run` and `make test` each set up the virtual environment first when it is
+# missing or older than pyproject.toml, then do their job.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_OUT ?= runs/latest
+# Two workers on two cores: each keeps torch to one thread so they do not fight.
+TEST_WORKERS ?= 2
+
+.PHONY: setup run test smoke lint bench clean lab
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rpnlab)"
+	@touch $(STAMP)
+
+## The whole notebook collection on the embedded data, full size, into $(RUN_OUT)
+run: $(STAMP)
+	$(VENV)/bin/rpnlab run --out $(RUN_OUT)
+
+## Every test: unit, reference (vs torchvision), notebooks (smoke size)
+test: $(STAMP)
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+## The collection in smoke size (what CI checks), for a quick look
+smoke: $(STAMP)
+	$(VENV)/bin/rpnlab run --smoke --out runs/smoke
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rpnlab tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_detector.py
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
