@@ -174,7 +174,7 @@ class RoIConfig:
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-    pooler: str = "align"  # "align" (RoI Align) or "pool" (RoI Pool, the paper's)
+    pooler: str = "align"  # "align" (RoI Align), "pool" (RoI Pool, the paper's) or "crop" (crop-and-resize + max-pool, tf-faster-rcnn)
     output_size: int = 7
     sampling_ratio: int = 2
     aligned: bool = False  # RoI Align's half-pixel correction (detectron2 default True, torchvision False)
@@ -200,7 +200,7 @@ class RoIConfig:
         _positive_int("batch_size_per_image", self.batch_size_per_image)
         _fraction("positive_fraction", self.positive_fraction)
         _positive_numbers("box_weights", self.box_weights)
-        _choice("pooler", self.pooler, ("align", "pool"))
+        _choice("pooler", self.pooler, ("align", "pool", "crop"))
         _positive_int("output_size", self.output_size)
         _positive_int("sampling_ratio", self.sampling_ratio, allow_zero=True)
         _choice("implementation", self.implementation, ("torchvision", "python"))
