@@ -104,20 +104,28 @@ def test_parameters_are_documented(path):
 # --------------------------------------------------------------------------- smoke runs
 
 
-@pytest.mark.xdist_group("notebooks")
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_smoke_run_writes_record(path, tmp_path):
-    record_path = tmp_path / f"{path.stem}.json"
-    papermill.execute_notebook(
-        str(path), str(tmp_path / path.name), parameters={"smoke": True, "record_path": str(record_path)},
-        kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOK_DIR),
-    )
+def _check_record(path: Path, record_path: Path) -> None:
     record = records.read_record(record_path)
     assert record, "the notebook recorded nothing"
     for key, value in EXPECTED_RECORDS.get(path.stem, {}).items():
         assert key in record, f"{key} missing from the record: {sorted(record)}"
         if value is not None:
             assert record[key] == value, f"{key}: {record[key]!r} != {value!r}"
+
+
+@pytest.mark.xdist_group("notebooks")
+def test_papermill_injects_parameters_and_record_comes_back(tmp_path):
+    """papermill's own execution path (the one `rpnlab run` uses), on the quickest notebook."""
+    path = NOTEBOOK_DIR / "02_box_coding.ipynb"
+    record_path = tmp_path / f"{path.stem}.json"
+    papermill.execute_notebook(
+        str(path), str(tmp_path / path.name), parameters={"smoke": True, "record_path": str(record_path)},
+        kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOK_DIR),
+    )
+    executed = nbformat.read(tmp_path / path.name, as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "smoke = True" in injected[0].source
+    _check_record(path, record_path)
 
 
 def _prepare_smoke_copy(path: Path, folder: Path, **parameters) -> Path:
@@ -138,14 +146,17 @@ def _nbval(*notebooks: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.xdist_group("notebooks")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_nbval_on_smoke_copy(path, tmp_path):
-    copy = _prepare_smoke_copy(path, tmp_path, record_path=str(tmp_path / "record.json"))
+def test_smoke_run_under_nbval(path, tmp_path):
+    """One smoke-sized execution per notebook: nbval checks the guarded outputs, then the record is read."""
+    record_path = tmp_path / "record.json"
+    copy = _prepare_smoke_copy(path, tmp_path, record_path=str(record_path))
     prepared = nbformat.read(copy, as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in prepared.cells)
     assert any(c.source.startswith(CHECK_MARK) and c.outputs for c in prepared.cells), "committed outputs kept"
     result = _nbval(copy)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+    _check_record(path, record_path)
 
 
 GUARD_NOTEBOOK_CELLS = [
