@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUN_OUT ?= runs/latest
+# Empty: a fresh timestamped folder under runs/ for every run.
+RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
@@ -20,9 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rpnlab)"
 	@touch $(STAMP)
 
-## The whole notebook collection on the embedded data, full size, into $(RUN_OUT)
+## The whole notebook collection on the embedded data, full size, into runs/<timestamp>/
 run: $(STAMP)
-	$(VENV)/bin/rpnlab run --out $(RUN_OUT)
+	$(VENV)/bin/rpnlab run $(if $(RUN_OUT),--out $(RUN_OUT))
 
 ## Every test: unit, reference (vs torchvision), notebooks (smoke size)
 test: $(STAMP)
