@@ -69,7 +69,7 @@ _CHOICES = {
     ("rpn", "objectness"): ("sigmoid", "softmax"),
     ("rpn", "loss_normalization"): ("sampled", "paper"),
     ("rpn", "proposal_mode"): ("nms", "top"),
-    ("roi", "pooler"): ("align", "pool"),
+    ("roi", "pooler"): ("align", "pool", "crop"),
     ("roi", "implementation"): ("torchvision", "python"),
     ("data", "dataset"): ("synthetic", "voc", "coco"),
     ("train", "schedule"): ("joint", "alternating", "rpn"),
