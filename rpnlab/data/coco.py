@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CocoDetection
 
 from rpnlab.data.annotations import BoxPolicy, make_target
-from rpnlab.data.imageio import load_image, read_image_size
+from rpnlab.data.imageio import load_annotated_image, read_image_size
 
 __all__ = ["COCODataset"]
 
@@ -194,17 +194,7 @@ class COCODataset(Dataset):
         )
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        target = self.get_target(index)
-        path = self.image_path(index)
-        image = load_image(path)
-        if tuple(image.shape[1:]) != target["orig_size"]:
-            h, w = target["orig_size"]
-            raise ValueError(
-                f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} says {w}x{h}"
-            )
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return load_annotated_image(self.image_path(index), self.get_target(index), str(self.ann_file), self.transforms)
 
     def __repr__(self) -> str:
         return (

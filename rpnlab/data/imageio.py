@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["load_image", "pil_to_rgb", "pil_to_tensor", "read_image_size"]
+__all__ = ["load_annotated_image", "load_image", "pil_to_rgb", "pil_to_tensor", "read_image_size"]
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -65,3 +65,19 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
     return height, width
+
+
+def load_annotated_image(path: str | os.PathLike, target: dict, annotation_source: str, transforms=None):
+    """Read the image at ``path`` for ``target`` and apply ``transforms`` -> ``(image, target)``.
+
+    Raises ``ValueError`` naming the file when the image's size differs from the annotated
+    ``target["orig_size"]`` (the boxes would be drawn on the wrong pixels); ``annotation_source``
+    says where that size came from, for the message.
+    """
+    image = load_image(path)
+    if tuple(image.shape[1:]) != tuple(target["orig_size"]):
+        h, w = target["orig_size"]
+        raise ValueError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {annotation_source} says {w}x{h}")
+    if transforms is not None:
+        image, target = transforms(image, target)
+    return image, target

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import VOCDetection
 
 from rpnlab.data.annotations import AnnotationWarning, BoxPolicy, make_target
-from rpnlab.data.imageio import load_image, read_image_size
+from rpnlab.data.imageio import load_annotated_image, read_image_size
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "parse_voc_xml", "resolve_voc_root"]
 
@@ -263,17 +263,7 @@ class VOCDataset(Dataset):
         )
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        target = self.get_target(index)
-        path = self.image_path(index)
-        image = load_image(path)
-        if tuple(image.shape[1:]) != target["orig_size"]:
-            h, w = target["orig_size"]
-            raise ValueError(
-                f"{path}: image is {image.shape[2]}x{image.shape[1]} but its annotation says {w}x{h}"
-            )
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return load_annotated_image(self.image_path(index), self.get_target(index), "its annotation", self.transforms)
 
     def __repr__(self) -> str:
         return f"VOCDataset(root={str(self.root)!r}, image_set={self.image_set!r}, images={len(self)}, classes={self.num_classes})"
