@@ -13,17 +13,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_boxes",
+    "DEFAULT_BBOX_CLAMP",
+    "BoxCoder",
     "box_area",
     "box_iou",
     "box_iou_chunks",
     "box_iou_reduce",
+    "check_boxes",
     "clip_boxes",
+    "cxcywh_to_xyxy",
     "remove_small_boxes",
     "xyxy_to_cxcywh",
-    "cxcywh_to_xyxy",
-    "BoxCoder",
-    "DEFAULT_BBOX_CLAMP",
 ]
 
 #: The largest log-scale change a decoded box may make: exp(clamp) = 1000/16, as torchvision/detectron2.

@@ -14,13 +14,13 @@ from typing import Any
 
 __all__ = [
     "AnchorConfig",
+    "DataConfig",
+    "ModelConfig",
     "RPNConfig",
     "RoIConfig",
-    "ModelConfig",
-    "DataConfig",
     "TrainConfig",
-    "to_dict",
     "from_dict",
+    "to_dict",
 ]
 
 
@@ -87,7 +87,7 @@ class AnchorConfig:
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
 
-    def validate(self) -> "AnchorConfig":
+    def validate(self) -> AnchorConfig:
         if len(self.sizes) == 0:
             _fail("sizes", self.sizes, "at least one level of sizes")
         for level, s in enumerate(self.sizes):
@@ -130,7 +130,7 @@ class RPNConfig:
     score_thresh: float = 0.0
     proposal_mode: str = "nms"  # "nms" or "top" (tf-faster-rcnn's top-k without NMS)
 
-    def validate(self) -> "RPNConfig":
+    def validate(self) -> RPNConfig:
         _positive_int("conv_channels", self.conv_channels)
         _choice("objectness", self.objectness, ("sigmoid", "softmax"))
         _iou("fg_iou_thresh", self.fg_iou_thresh)
@@ -185,7 +185,7 @@ class RoIConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
 
-    def validate(self) -> "RoIConfig":
+    def validate(self) -> RoIConfig:
         _iou("fg_iou_thresh", self.fg_iou_thresh)
         _iou("bg_iou_thresh_high", self.bg_iou_thresh_high)
         _iou("bg_iou_thresh_low", self.bg_iou_thresh_low)
@@ -225,7 +225,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         _positive_int("num_classes", self.num_classes)
         _choice("backbone", self.backbone, ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"))
         self.anchors.validate()
@@ -249,7 +249,7 @@ class DataConfig:
     max_size: int = 256  # resize: longer side cap (paper preset 1000)
     hflip_prob: float = 0.5
 
-    def validate(self) -> "DataConfig":
+    def validate(self) -> DataConfig:
         _choice("dataset", self.dataset, ("synthetic", "voc", "coco"))
         if self.dataset != "synthetic" and not self.root:
             _fail("root", self.root, f"the path of the {self.dataset} folder")
@@ -287,7 +287,7 @@ class TrainConfig:
     max_iters: int | None = None  # stop after this many iterations (smoke runs), None = all epochs
     time_budget_s: float | None = None  # stop after this many seconds of training
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         _choice("schedule", self.schedule, ("joint", "alternating", "rpn"))
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
