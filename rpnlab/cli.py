@@ -195,7 +195,7 @@ def _levels(values: list[str], name: str) -> tuple[tuple[float, ...], ...]:
             return tuple(tuple(float(x) for x in v.split(",") if x.strip()) for v in values)
         return (tuple(float(v) for v in values),)
     except (ValueError, TypeError, json.JSONDecodeError) as err:
-        raise argparse.ArgumentTypeError(f"argument {name}: expected numbers per level, got {values!r} ({err})")
+        raise ValueError(f"argument {name}: expected numbers per level, got {values!r} ({err})") from None
 
 
 def _show(value: Any) -> str:
@@ -438,16 +438,20 @@ def _fmt(x: float) -> str:
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.train import Trainer, evaluate
 
+    # Bad options, a missing device or an unreadable checkpoint: one line, exit 2, no traceback.
     try:
         model_cfg, data_cfg, train_cfg = configs_from_args(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    try:
         trainer = Trainer(model_cfg, data_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.error(str(err))
     try:
         result = trainer.run()
+        if getattr(args, "digest", False):  # python -m rpnlab.train --digest
+            from rpnlab.train import parameter_digest
+
+            path = Path(train_cfg.out_dir) / f"digest-rank{trainer.rank}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(parameter_digest(result.model) + "\n")
     finally:
         trainer.close()
     if trainer.rank != 0:

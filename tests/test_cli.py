@@ -112,7 +112,7 @@ def test_anchor_level_forms(values, levels):
     args = cli.build_parser().parse_args(["train", "--anchor-sizes", *values, "--anchor-strides", *strides])
     model, _, _ = cli.configs_from_args(args)
     assert model.anchors.sizes == levels
-    with pytest.raises(Exception, match="--anchor-sizes"):
+    with pytest.raises(ValueError, match="--anchor-sizes"):
         cli._levels(["16,x"], "--anchor-sizes")
 
 

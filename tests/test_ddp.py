@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rpnlab.model import FasterRCNN
-from rpnlab.train import _parameter_digest
+from rpnlab.train import parameter_digest
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -35,6 +35,6 @@ def test_two_processes_train_identical_replicas(tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 3 and len(state["history"]) == 3
     model = FasterRCNN.from_checkpoint(out / "checkpoint.pt")
-    assert _parameter_digest(model) == digests[0]
+    assert parameter_digest(model) == digests[0]
     # Each process saw its own half of the data: 2 images per process per step.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "digest-rank0.txt", "digest-rank1.txt"]
