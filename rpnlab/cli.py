@@ -115,7 +115,7 @@ _HELP = {
     ("roi", "batch_size_per_image"): "RoIs sampled per image for the Fast R-CNN loss",
     ("roi", "positive_fraction"): "at most this fraction of the sampled RoIs is foreground",
     ("roi", "box_weights"): "weights (wx, wy, ww, wh) of the Fast R-CNN box encoding",
-    ("roi", "pooler"): "'align' (RoI Align) or 'pool' (RoI Pool, the paper's)",
+    ("roi", "pooler"): "'align' (RoI Align), 'pool' (RoI Pool, the paper's) or 'crop' (crop and resize)",
     ("roi", "output_size"): "pooled grid side (7 in the paper)",
     ("roi", "sampling_ratio"): "RoI Align sample points per bin and axis (0: adaptive)",
     ("roi", "aligned"): "RoI Align's half-pixel correction",

@@ -116,6 +116,20 @@ def test_anchor_level_forms(values, levels):
         cli._levels(["16,x"], "--anchor-sizes")
 
 
+def test_choices_agree_with_config_validation():
+    for (section, field), choices in cli._CHOICES.items():
+        for value in (*choices, "bogus"):
+            model, data, train = cli.preset_configs()
+            data.root = "some/folder"  # VOC and COCO need one
+            cfg = cli._section_defaults(model, data, train)[section]
+            setattr(cfg, field, value)
+            if value == "bogus":
+                with pytest.raises(ValueError, match=field):
+                    cfg.validate()
+            else:
+                cfg.validate()  # every choice the CLI offers is one the config accepts
+
+
 def test_parse_value():
     assert cli.parse_value("3") == 3
     assert cli.parse_value("0.5") == 0.5
