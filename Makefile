@@ -10,7 +10,7 @@ RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test smoke lint bench clean lab
+.PHONY: setup run test smoke lint fmt check bench clean lab
 
 setup: $(STAMP)
 
@@ -34,6 +34,19 @@ smoke: $(STAMP)
 	$(VENV)/bin/rpnlab run --smoke --out runs/smoke
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff check rpnlab tests benchmarks
+
+NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.ipynb)
+
+## Bring each notebook pair together (the newer file wins), strip unguarded outputs, fix lint
+fmt: $(STAMP)
+	$(VENV)/bin/jupytext --sync $(NOTEBOOKS)
+	$(PY) -m rpnlab.lab.nbclean clean $(NOTEBOOKS)
+	$(VENV)/bin/ruff check --fix rpnlab tests benchmarks
+
+## What the pre-commit hooks check, without pre-commit: pairs in sync, notebooks clean, lint
+check: $(STAMP)
+	$(PY) -m rpnlab.lab.nbclean check $(NOTEBOOKS)
 	$(VENV)/bin/ruff check rpnlab tests benchmarks
 
 bench: $(STAMP)

@@ -7,7 +7,7 @@ for the same wall-clock budget, then compare mAP on the synthetic validation spl
 
 Both detectors start from random weights (no pretrained backbone), see the same training images
 in the same augmentation (``build_dataset(DataConfig(), "train")``: horizontal flips), and are
-scored by the same code (``rpnlab.evaluation``). Both follow the same learning-rate schedule: a
+scored by the same code (``rpnlab.engine.evaluation``). Both follow the same learning-rate schedule: a
 linear warm-up over 50 iterations, then a cosine that runs on the wall clock and reaches 0 as the
 budget ends (see ``ClockCosine``), so no iteration count has to be guessed in advance.
 """
@@ -25,10 +25,10 @@ import torch
 
 from rpnlab.config import DataConfig
 from rpnlab.data import build_dataset
-from rpnlab.devices import describe_environment, resolve_device, seed_everything
-from rpnlab.evaluation import evaluate_coco, evaluate_voc
-from rpnlab.model import synthetic_model_config
-from rpnlab.train import Trainer, evaluate, lr_factor, synthetic_train_config
+from rpnlab.detector.model import synthetic_model_config
+from rpnlab.engine.devices import describe_environment, resolve_device, seed_everything
+from rpnlab.engine.evaluation import evaluate_coco, evaluate_voc
+from rpnlab.engine.train import Trainer, evaluate, lr_factor, synthetic_train_config
 
 WARMUP_ITERS = 50
 MAX_EPOCHS = 10_000  # the clock, not the epoch count, ends a benchmark run
@@ -39,7 +39,7 @@ class ClockCosine:
 
     A fixed iteration count cannot be planned for a time budget on a machine whose speed varies
     (shared cores, thermal limits); following the clock, the rate reaches 0 as the budget ends
-    however many iterations fit. (``rpnlab.train`` itself schedules by iteration, reproducibly.)
+    however many iterations fit. (``rpnlab.engine.train`` itself schedules by iteration, reproducibly.)
     """
 
     def __init__(self, budget_s: float, warmup_iters: int = WARMUP_ITERS):
@@ -57,7 +57,7 @@ class ClockCosine:
 
 
 class _ClockTrainer(Trainer):
-    """``rpnlab.train.Trainer`` with its LR schedule swapped for ``ClockCosine``."""
+    """``rpnlab.engine.train.Trainer`` with its LR schedule swapped for ``ClockCosine``."""
 
     def __init__(self, *args, budget_s: float, **kwargs):
         super().__init__(*args, **kwargs)

@@ -13,6 +13,9 @@ fields of ``evaluate``): ``--<field>`` for the data, training and top-level mode
 (``--data-seed`` for ``DataConfig.seed``), ``--anchor-<field>``, ``--rpn-<field>`` and
 ``--roi-<field>`` for the three stage configs. An option left out keeps the preset's value
 (``--preset synthetic``, the CPU configuration, by default), or the checkpoint's with ``--resume``.
+
+Longer than 500 lines because every command's parser, validation and output live together, so that
+`rpnlab X --help` and what X does are read in one place.
 """
 
 from __future__ import annotations
@@ -213,8 +216,8 @@ def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, Tr
     ``synthetic_train_config``); ``"defaults"``: the dataclass defaults (the paper's values).
     """
     if name == "synthetic":
-        from rpnlab.model import synthetic_model_config
-        from rpnlab.train import synthetic_train_config
+        from rpnlab.detector.model import synthetic_model_config
+        from rpnlab.engine.train import synthetic_train_config
 
         return synthetic_model_config(), DataConfig(), synthetic_train_config()
     if name == "defaults":
@@ -321,7 +324,7 @@ def _with_option_names(section: str, message: str) -> str:
 
 def checkpoint_configs(path: str | Path) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     """The ``(model, data, train)`` configs a training checkpoint was written with."""
-    from rpnlab.checkpoint import CheckpointError, load_checkpoint
+    from rpnlab.engine.checkpoint import CheckpointError, load_checkpoint
 
     state = load_checkpoint(path)
     configs = state.get("configs")
@@ -358,6 +361,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--evaluate", action="store_true",
                    help="after training, evaluate on the validation split and print mAP")
+    p.add_argument("--digest", action="store_true",
+                   help="every process writes <out-dir>/digest-rank<R>.txt, a SHA-256 of its parameters "
+                        "(to check that DDP replicas agree under torchrun)")
     add_config_arguments(p)
 
 
@@ -365,13 +371,8 @@ def _add_data_overrides(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, sections=("data",))
 
 
-def build_parser(prog: str = "rpnlab", only: str | None = None) -> argparse.ArgumentParser:
-    """The ``rpnlab`` parser; ``only="train"`` gives the train options alone (``python -m rpnlab.train``)."""
-    if only == "train":
-        p = argparse.ArgumentParser(prog=prog, formatter_class=_Formatter,
-                                    description="Train Faster R-CNN (also under torchrun).")
-        add_train_arguments(p)
-        return p
+def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
+    """The ``rpnlab`` parser (also ``python -m rpnlab``, which is what ``torchrun -m rpnlab train`` runs)."""
     parser = argparse.ArgumentParser(prog=prog, formatter_class=_Formatter, description=__doc__.split("::")[0].strip())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
@@ -426,7 +427,7 @@ def build_parser(prog: str = "rpnlab", only: str | None = None) -> argparse.Argu
 
 
 def _jsonable(value: Any) -> Any:
-    from rpnlab.records import to_jsonable
+    from rpnlab.lab.records import to_jsonable
 
     return to_jsonable(value)
 
@@ -436,7 +437,7 @@ def _fmt(x: float) -> str:
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rpnlab.train import Trainer, evaluate
+    from rpnlab.engine.train import Trainer, evaluate
 
     # Bad options, a missing device or an unreadable checkpoint: one line, exit 2, no traceback.
     try:
@@ -446,8 +447,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(err))
     try:
         result = trainer.run()
-        if getattr(args, "digest", False):  # python -m rpnlab.train --digest
-            from rpnlab.train import parameter_digest
+        if getattr(args, "digest", False):  # torchrun ... -m rpnlab train --digest
+            from rpnlab.engine.train import parameter_digest
 
             path = Path(train_cfg.out_dir) / f"digest-rank{trainer.rank}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -470,17 +471,17 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.data import build_dataset
-    from rpnlab.evaluation import per_class_ap_table
-    from rpnlab.model import FasterRCNN
-    from rpnlab.train import evaluate
+    from rpnlab.engine.checkpoint import load_model
+    from rpnlab.engine.evaluation import per_class_ap_table
+    from rpnlab.engine.train import evaluate
 
     try:
         model_cfg, data_cfg, _ = checkpoint_configs(args.checkpoint)
         _, data_cfg, _ = configs_from_args(args, base=(model_cfg, data_cfg, TrainConfig()))
-        from rpnlab.devices import resolve_device
+        from rpnlab.engine.devices import resolve_device
 
         device = resolve_device(args.device)
-        model = FasterRCNN.from_checkpoint(args.checkpoint, map_location=device)
+        model = load_model(args.checkpoint, map_location=device)
         dataset = build_dataset(data_cfg, args.split, train=False)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.error(str(err))
@@ -519,12 +520,12 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     from rpnlab.data import load_image
     from rpnlab.data.transforms import ResizeShortestSide
-    from rpnlab.devices import resolve_device
-    from rpnlab.model import FasterRCNN
+    from rpnlab.engine.checkpoint import load_model
+    from rpnlab.engine.devices import resolve_device
 
     try:
         device = resolve_device(args.device)
-        model = FasterRCNN.from_checkpoint(args.checkpoint, map_location=device)
+        model = load_model(args.checkpoint, map_location=device)
         _, data_cfg, _ = checkpoint_configs(args.checkpoint)
         missing = [p for p in args.images if not Path(p).is_file()]
         if missing:
@@ -599,7 +600,7 @@ def _draw(image, detections: list[dict], path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rpnlab import runner
+    from rpnlab.lab import runner
 
     parameters = {name: parse_value(value) for name, value in args.parameter}
     result = runner.run_collection(notebooks=args.notebooks or None, parameters=parameters or None,
@@ -608,7 +609,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rpnlab import runner
+    from rpnlab.lab import runner
 
     grid, base = {}, {}
     for entry in args.parameter:

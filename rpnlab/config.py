@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,11 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
         _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
+def anchors_per_location(sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[Sequence[float]]) -> list[int]:
+    """``k`` for each level: ``len(sizes[l]) * len(aspect_ratios[l])``, every size at every ratio."""
+    return [len(s) * len(r) for s, r in zip(sizes, aspect_ratios)]
+
+
 @dataclass
 class AnchorConfig:
     """Anchors: one tuple of sizes and one of aspect ratios per feature level.
@@ -85,7 +91,8 @@ class AnchorConfig:
 
     @property
     def num_anchors_per_location(self) -> list[int]:
-        return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
+        """``k`` for each level (see ``anchors_per_location``)."""
+        return anchors_per_location(self.sizes, self.aspect_ratios)
 
     def validate(self) -> AnchorConfig:
         if len(self.sizes) == 0:

@@ -1,25 +1,25 @@
-"""Tests for rpnlab.analysis: anchor coverage, dataset gathering, k-means anchors, label counts."""
+"""Tests for rpnlab.lab.anchors: anchor coverage, dataset gathering, k-means anchors, label counts."""
 
 import math
 
 import pytest
 import torch
 
-from rpnlab.analysis import (
+from rpnlab.config import AnchorConfig
+from rpnlab.detector.anchors import AnchorGenerator
+from rpnlab.detector.boxes import box_iou, box_iou_reduce
+from rpnlab.lab.anchors import (
     anchor_coverage,
     best_anchor_iou,
     coverage_over_dataset,
     dataset_gt_boxes,
     default_feature_sizes,
     kmeans_anchors,
-    label_counts,
     mean_best_iou,
     wh_iou,
     wh_to_sizes_ratios,
 )
-from rpnlab.anchors import AnchorGenerator
-from rpnlab.boxes import box_iou, box_iou_reduce
-from rpnlab.config import AnchorConfig
+from rpnlab.lab.matching import label_counts
 from tests.conftest import random_boxes
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""rpnlab.anchors against torchvision's AnchorGenerator, plus conventions and validation."""
+"""rpnlab.detector.anchors against torchvision's AnchorGenerator, plus conventions and validation."""
 
 import math
 
@@ -7,9 +7,9 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from rpnlab.anchors import AnchorGenerator, paper_base_anchors
-from rpnlab.boxes import box_area, xyxy_to_cxcywh
 from rpnlab.config import AnchorConfig
+from rpnlab.detector.anchors import AnchorGenerator, paper_base_anchors
+from rpnlab.detector.boxes import box_area, xyxy_to_cxcywh
 
 
 def torchvision_anchors(sizes, ratios, strides, feature_sizes, dtype=torch.float32):

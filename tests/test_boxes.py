@@ -1,4 +1,4 @@
-"""rpnlab.boxes against torchvision.ops and torchvision's BoxCoder, plus properties and errors."""
+"""rpnlab.detector.boxes against torchvision.ops and torchvision's BoxCoder, plus properties and errors."""
 
 import math
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 
-import rpnlab.boxes as B
-from rpnlab.boxes import (
+import rpnlab.detector.boxes as B
+from rpnlab.detector.boxes import (
     BoxCoder,
     box_area,
     box_iou,

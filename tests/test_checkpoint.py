@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rpnlab.checkpoint import (
+from rpnlab.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
     rng_state,

@@ -35,8 +35,9 @@ def test_train_help_lists_every_config_field_with_help(capsys):
     for section, name, option in options:
         assert option in text, option
     # Every option has its own help text (argparse prints no help for those without one).
-    parser = cli.build_parser(only="train")
-    for action in parser._actions:
+    parser = cli.build_parser()
+    train_parser = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    for action in train_parser._actions:
         assert action.help, action.option_strings
     names = [option for _, _, option in options]
     assert len(set(names)) == len(names)  # no two fields share an option
@@ -226,7 +227,7 @@ def test_predict_draws_and_lists_detections(trained, capsys, tmp_path):
 
 
 def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
-    from rpnlab import runner
+    from rpnlab.lab import runner
 
     calls = {}
 

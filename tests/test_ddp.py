@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rpnlab.model import FasterRCNN
-from rpnlab.train import parameter_digest
+from rpnlab.engine.checkpoint import load_model
+from rpnlab.engine.train import parameter_digest
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -20,7 +20,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 def test_two_processes_train_identical_replicas(tmp_path):
     out = tmp_path / "run"
     command = [
-        str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "rpnlab.train",
+        str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "rpnlab", "train",
         "--root", str(tmp_path / "synthetic"), "--image-size", "64", "--min-size", "64", "--max-size", "64",
         "--num-train", "8", "--batch-size", "2", "--epochs", "2", "--max-iters", "3",
         "--rpn-pre-nms-top-n-train", "100", "--rpn-post-nms-top-n-train", "30", "--roi-batch-size-per-image", "16",
@@ -34,7 +34,7 @@ def test_two_processes_train_identical_replicas(tmp_path):
     # Rank 0 alone wrote the checkpoint, and it holds those same parameters.
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 3 and len(state["history"]) == 3
-    model = FasterRCNN.from_checkpoint(out / "checkpoint.pt")
+    model = load_model(out / "checkpoint.pt")
     assert parameter_digest(model) == digests[0]
     # Each process saw its own half of the data: 2 images per process per step.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "digest-rank0.txt", "digest-rank1.txt"]

@@ -1,4 +1,4 @@
-"""Tests for rpnlab.evaluation: hand-computed AP cases, a sequential VOC reference, pycocotools
+"""Tests for rpnlab.engine.evaluation: hand-computed AP cases, a sequential VOC reference, pycocotools
 agreement, proposal recall."""
 
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rpnlab.boxes import box_iou
-from rpnlab.evaluation import (
+from rpnlab.detector.boxes import box_iou
+from rpnlab.engine.evaluation import (
     DEFAULT_IOU_THRESHOLDS,
     evaluate_coco,
     evaluate_voc,

@@ -1,4 +1,4 @@
-"""rpnlab.experiments: the ablations on tiny settings, the tables, the paper's numbers, the budget."""
+"""rpnlab.lab.experiments: the ablations on tiny settings, the tables, the paper's numbers, the budget."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from rpnlab import experiments as ex
-from rpnlab import viz
 from rpnlab.config import DataConfig
 from rpnlab.data import SyntheticShapes
-from rpnlab.model import synthetic_model_config
-from rpnlab.train import synthetic_train_config, train
+from rpnlab.detector.model import synthetic_model_config
+from rpnlab.engine.train import synthetic_train_config, train
+from rpnlab.lab import experiments as ex
+from rpnlab.lab.detections import plot_training_history
+from rpnlab.lab.experiments import plot_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_09 = ROOT / "notebooks" / "09_experiments.ipynb"
@@ -278,20 +279,20 @@ def test_measure_stage_seconds(tiny):
 def test_plot_ablation_and_history():
     rows = [{"lambda": 0.1, "map_50": 0.1, "paper_map": 67.2}, {"lambda": 10.0, "map_50": 0.2, "paper_map": 69.9},
             {"lambda": 3.0, "map_50": 0.15, "paper_map": None}]
-    fig = viz.plot_ablation(rows, "lambda", ("map_50",), log_x=True, title="lambda")
+    fig = plot_ablation(rows, "lambda", ("map_50",), log_x=True, title="lambda")
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     ours, paper = fig.axes
     assert ours.get_xscale() == "log" and ours.get_ylabel() == "ours (%)" and ours.get_xlabel() == "lambda"
     assert list(ours.lines[0].get_ydata()) == pytest.approx([10.0, 20.0, 15.0])  # fractions drawn in percent
     assert list(paper.lines[0].get_ydata()) == [67.2, 69.9]  # rows without a paper number left out
-    bars = viz.plot_ablation([{"setting": "a", "map_50": 0.1}, {"setting": "b", "map_50": 0.3}], "setting",
+    bars = plot_ablation([{"setting": "a", "map_50": 0.1}, {"setting": "b", "map_50": 0.3}], "setting",
                              paper_key=None)
     assert len(bars.axes) == 1 and [p.get_height() for p in bars.axes[0].patches] == pytest.approx([10.0, 30.0])
 
     history = [{"step": 0, "stage": "step1_rpn", "loss_objectness": 0.7, "total": 0.7},
                {"step": 1, "stage": "step1_rpn", "loss_objectness": 0.6, "total": 0.6},
                {"step": 2, "stage": "step2_fast_rcnn", "loss_classifier": 1.2, "total": 1.2}]
-    fig = viz.plot_training_history(history)
+    fig = plot_training_history(history)
     ax = fig.axes[0]
     assert ax.get_xlabel() == "iteration" and ax.get_ylabel() == "loss" and ax.get_title()
     drawn = {line.get_label(): list(line.get_xdata()) for line in ax.lines if not line.get_label().startswith("_")}

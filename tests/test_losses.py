@@ -10,7 +10,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss as tv_fastrcnn_
 from torchvision.models.detection.rpn import RegionProposalNetwork as TVRPN
 from torchvision.models.detection.rpn import permute_and_flatten
 
-from rpnlab.losses import (
+from rpnlab.detector.losses import (
     fast_rcnn_loss,
     objectness_loss,
     rpn_loss,

@@ -1,4 +1,4 @@
-"""rpnlab.matching against torchvision's Matcher and sampler, plus the labelling rules."""
+"""rpnlab.detector.matching against torchvision's Matcher and sampler, plus the labelling rules."""
 
 import pytest
 import torch
@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection._utils import Matcher as TVMatcher
 
-import rpnlab.boxes as B
-from rpnlab.boxes import box_iou
-from rpnlab.matching import (
+import rpnlab.detector.boxes as B
+from rpnlab.detector.boxes import box_iou
+from rpnlab.detector.matching import (
     BalancedSampler,
     Matcher,
     inside_image_mask,

@@ -8,12 +8,18 @@ import pytest
 import torch
 import torchvision
 
-from rpnlab import backbones, devices
-from rpnlab.backbones import BACKBONES, SmallBackbone, build_backbone, torchvision_weights_filename
 from rpnlab.config import AnchorConfig, ModelConfig
 from rpnlab.data import ImageBatch, SyntheticShapes, collate
-from rpnlab.model import IMAGENET_MEAN, IMAGENET_STD, FasterRCNN, synthetic_model_config
-from rpnlab.train import ROI_LOSSES, RPN_LOSSES
+from rpnlab.detector import backbones
+from rpnlab.detector.backbones import (
+    BACKBONES,
+    SmallBackbone,
+    build_backbone,
+    torchvision_weights_filename,
+)
+from rpnlab.detector.model import IMAGENET_MEAN, IMAGENET_STD, FasterRCNN, synthetic_model_config
+from rpnlab.engine import devices
+from rpnlab.engine.train import ROI_LOSSES, RPN_LOSSES
 
 # --------------------------------------------------------------------------------- devices
 

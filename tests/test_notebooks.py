@@ -21,7 +21,7 @@ import nbformat
 import papermill
 import pytest
 
-from rpnlab import records, runner
+from rpnlab.lab import records, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"

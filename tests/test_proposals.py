@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torchvision.models.detection.rpn import RegionProposalNetwork as TVRPN
 
 from rpnlab.config import RPNConfig
-from rpnlab.proposals import ProposalLayer, batched_nms, nms
+from rpnlab.detector.proposals import ProposalLayer, batched_nms, nms
 from tests.conftest import random_boxes
 
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""rpnlab.roi: the plain-PyTorch RoI Pool / RoI Align against torchvision's kernels, crop pooling
+"""rpnlab.detector.roi: the plain-PyTorch RoI Pool / RoI Align against torchvision's kernels, crop pooling
 checked by hand, and RoIPooler (one level and FPN) against torchvision."""
 
 from collections import OrderedDict
@@ -9,7 +9,7 @@ import torchvision
 from torchvision.ops import MultiScaleRoIAlign
 
 from rpnlab.config import RoIConfig
-from rpnlab.roi import (
+from rpnlab.detector.roi import (
     RoIPooler,
     boxes_to_rois,
     crop_and_resize_pool,

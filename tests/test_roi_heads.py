@@ -1,4 +1,4 @@
-"""rpnlab.roi_heads: proposal-target sampling, the Fast R-CNN head, detection post-processing and
+"""rpnlab.detector.roi_heads: proposal-target sampling, the Fast R-CNN head, detection post-processing and
 RoIHeads, against torchvision's RoIHeads where it has the same piece."""
 
 from collections import OrderedDict
@@ -9,11 +9,16 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
-from rpnlab.boxes import BoxCoder, box_iou
 from rpnlab.config import RoIConfig
-from rpnlab.matching import Matcher
-from rpnlab.roi import RoIPooler
-from rpnlab.roi_heads import FastRCNNHead, ProposalTargetSampler, RoIHeads, postprocess_detections
+from rpnlab.detector.boxes import BoxCoder, box_iou
+from rpnlab.detector.matching import Matcher
+from rpnlab.detector.roi import RoIPooler
+from rpnlab.detector.roi_heads import (
+    FastRCNNHead,
+    ProposalTargetSampler,
+    RoIHeads,
+    postprocess_detections,
+)
 from tests.conftest import random_boxes
 
 NUM_CLASSES = 3

@@ -8,9 +8,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork as TVRPN
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from rpnlab.anchors import AnchorGenerator
 from rpnlab.config import AnchorConfig, RPNConfig
-from rpnlab.rpn import RegionProposalNetwork, RPNHead, RPNOutput, flatten_head_outputs
+from rpnlab.detector.anchors import AnchorGenerator
+from rpnlab.detector.rpn import RegionProposalNetwork, RPNHead, RPNOutput, flatten_head_outputs
 from tests.conftest import random_boxes
 
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""rpnlab.runner and rpnlab.records on tiny throwaway notebooks (fast kernels, no torch)."""
+"""rpnlab.lab.runner and rpnlab.lab.records on tiny throwaway notebooks (fast kernels, no torch)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rpnlab import records, runner
+from rpnlab.lab import records, runner
 
 PARAMS = (
     'x: int = 1  # the input\n'
@@ -19,7 +19,7 @@ PARAMS = (
     'record_path: str = ""  # where the record goes'
 )
 RECORD = (
-    "from rpnlab import records\n"
+    "from rpnlab.lab import records\n"
     "records.begin('{stem}', record_path)\n"
     "records.record('y', x * 2)\n"
     "records.record('smoke', smoke)\n"

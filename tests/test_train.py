@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from rpnlab.checkpoint import load_checkpoint, save_checkpoint
 from rpnlab.config import DataConfig, TrainConfig
-from rpnlab.model import FasterRCNN, synthetic_model_config
-from rpnlab.train import (
+from rpnlab.detector.model import synthetic_model_config
+from rpnlab.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
+from rpnlab.engine.train import (
     ROI_LOSSES,
     RPN_LOSSES,
     EpochSampler,
@@ -125,7 +125,7 @@ def test_train_records_history_and_checkpoints(tmp_path):
     assert set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
     assert {"optimizer", "scheduler", "model"} <= set(state)
     # The checkpoint rebuilds the same model.
-    restored = FasterRCNN.from_checkpoint(result.checkpoint)
+    restored = load_model(result.checkpoint)
     for (k, a), b in zip(result.model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), k
     assert not restored.training and not result.model.training

@@ -1,5 +1,5 @@
-"""The package pieces of notebooks 04-07: the stage figures of rpnlab.viz, rpnlab.roi_analysis,
-rpnlab.reference (torchvision twins) and rpnlab.stage_training."""
+"""The package pieces of notebooks 04-07: the stage figures of rpnlab.lab.figures, rpnlab.lab.roi,
+rpnlab.lab.reference (torchvision twins) and rpnlab.lab.stage_training."""
 
 import numpy as np
 import pytest
@@ -8,18 +8,22 @@ import torch.nn.functional as F
 import torchvision
 from matplotlib.figure import Figure
 
-from rpnlab import viz
-from rpnlab.boxes import BoxCoder
 from rpnlab.config import AnchorConfig, RPNConfig
-from rpnlab.roi_analysis import (
+from rpnlab.detector.boxes import BoxCoder
+from rpnlab.detector.roi_heads import postprocess_detections
+from rpnlab.detector.rpn import RegionProposalNetwork
+from rpnlab.lab.figures import plot_funnel, plot_value_histograms
+from rpnlab.lab.proposals import plot_proposal_steps
+from rpnlab.lab.roi import (
     DETECTION_STEPS,
     compare_roi_kernels,
     detection_funnel,
+    plot_pooled_rois,
+    plot_regression_targets,
     roi_pool_region,
-    time_call,
 )
-from rpnlab.roi_heads import postprocess_detections
-from rpnlab.rpn import RegionProposalNetwork
+from rpnlab.lab.rpn import plot_objectness_forms, plot_smooth_l1, plot_softmax_reshape
+from rpnlab.lab.timing import time_call
 from tests.conftest import random_boxes
 
 
@@ -36,7 +40,7 @@ def _labelled(fig: Figure) -> None:
 
 def test_softmax_reshape_figure_shows_the_real_reshape():
     k, h, w = 3, 2, 4
-    fig = viz.plot_softmax_reshape(k, h, w)
+    fig = plot_softmax_reshape(k, h, w)
     assert isinstance(fig, Figure) and len(fig.axes) == 3
     _labelled(fig)
     stacked, background, foreground = (ax.images[0].get_array() for ax in fig.axes)
@@ -45,11 +49,11 @@ def test_softmax_reshape_figure_shows_the_real_reshape():
     assert set(np.unique(background)) == set(range(k)) and set(np.unique(foreground)) == set(range(k, 2 * k))
     np.testing.assert_array_equal(np.concatenate([background, foreground]), stacked)
     with pytest.raises(ValueError, match="k must be a positive int"):
-        viz.plot_softmax_reshape(0)
+        plot_softmax_reshape(0)
 
 
 def test_objectness_forms_softmax_points_lie_on_the_sigmoid():
-    fig = viz.plot_objectness_forms(logit_range=4.0, backgrounds=(-1.0, 3.0))
+    fig = plot_objectness_forms(logit_range=4.0, backgrounds=(-1.0, 3.0))
     _labelled(fig)
     probability_ax = fig.axes[0]
     _sigmoid_line, *dots = probability_ax.lines
@@ -65,7 +69,7 @@ def test_objectness_forms_softmax_points_lie_on_the_sigmoid():
 
 def test_smooth_l1_figure_curves_and_gradients():
     betas = (1 / 9, 1.0)
-    fig = viz.plot_smooth_l1(betas, limit=2.0)
+    fig = plot_smooth_l1(betas, limit=2.0)
     _labelled(fig)
     loss_lines, grad_lines = fig.axes[0].lines, fig.axes[1].lines
     assert len(loss_lines) == len(grad_lines) == 2 + len(betas)
@@ -83,57 +87,57 @@ def test_smooth_l1_figure_curves_and_gradients():
 
 def test_funnel_figure_bars_carry_the_counts():
     counts = {"anchors": 768, "top-k": 600, "NMS": 0, "top-n": 0}
-    fig = viz.plot_funnel(counts)
+    fig = plot_funnel(counts)
     _labelled(fig)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == list(counts)
     assert [t.get_text() for t in ax.texts] == ["768", "600", "0", "0"]
     assert ax.get_xscale() == "log"  # a zero count still draws (as a stub)
-    linear = viz.plot_funnel(counts, log=False).axes[0]
+    linear = plot_funnel(counts, log=False).axes[0]
     assert [p.get_width() for p in linear.patches] == [768, 600, 0, 0]
     with pytest.raises(ValueError, match="empty"):
-        viz.plot_funnel({})
+        plot_funnel({})
 
 
 def test_proposal_steps_figure():
-    from rpnlab.proposal_analysis import proposal_funnel
+    from rpnlab.lab.proposals import proposal_funnel
 
     g = torch.Generator().manual_seed(0)
     anchors = random_boxes(50, 120.0, g, min_wh=8.0)
     funnel = proposal_funnel(anchors, torch.randn(50, generator=g), torch.zeros(50, 4), (128, 128),
                              pre_nms_top_n=40, post_nms_top_n=10)
     image = torch.rand(3, 128, 128, generator=g)
-    fig = viz.plot_proposal_steps(image, funnel, gt_boxes=anchors[:2], top=5)
+    fig = plot_proposal_steps(image, funnel, gt_boxes=anchors[:2], top=5)
     assert len(fig.axes) == 3
     _labelled(fig)
     assert "best 5 of 10" in fig.axes[2].get_title()
-    assert len(viz.plot_proposal_steps(image, funnel, show_pre_nms=False).axes) == 2
+    assert len(plot_proposal_steps(image, funnel, show_pre_nms=False).axes) == 2
 
 
 def test_pooled_rois_figure():
-    from rpnlab.roi import roi_align, roi_pool
+    from rpnlab.detector.roi import roi_align, roi_pool
 
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     box = torch.tensor([8.0, 8.0, 40.0, 30.0])
     pooled = {"pool": roi_pool(image[None], [box[None]], 7)[0], "align": roi_align(image[None], [box[None]], 7)[0],
               "features": torch.rand(1, 16, 5, 5)}
-    fig = viz.plot_pooled_rois(image, box, pooled)
+    fig = plot_pooled_rois(image, box, pooled)
     assert len(fig.axes) == 4
     _labelled(fig)
     assert fig.axes[1].images[0].get_array().shape == (7, 7, 3)  # RGB shown as an image
     assert fig.axes[3].images[0].get_array().shape == (5, 5)  # other channel counts: their mean
     with pytest.raises(ValueError, match="pooled"):
-        viz.plot_pooled_rois(image, box, {"bad": torch.rand(7, 7)})
+        plot_pooled_rois(image, box, {"bad": torch.rand(7, 7)})
 
 
 def test_histograms_and_regression_targets():
     g = torch.Generator().manual_seed(0)
-    fig = viz.plot_value_histograms({"a": torch.randn(100, generator=g), "b": [1.0, 2.0, float("nan")]}, "value")
+    fig = plot_value_histograms({"a": torch.randn(100, generator=g), "b": [1.0, 2.0, float("nan")]}, "value")
     _labelled(fig)
     heights = [sum(p.get_height() for p in c.patches) for c in fig.axes[0].containers]
     assert heights == [100, 2]  # the NaN is left out
     small, large = torch.randn(200, 4, generator=g) * 0.1, torch.randn(200, 4, generator=g)
-    fig = viz.plot_regression_targets({"small": small, "large": large})
+    fig = plot_regression_targets({"small": small, "large": large})
     assert len(fig.axes) == 4
     _labelled(fig)
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
@@ -241,7 +245,7 @@ def test_torchvision_rpn_twin_gives_the_same_losses_and_proposals(seed, offset, 
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.rpn import RPNHead
 
-    from rpnlab.reference import torchvision_rpn, torchvision_rpn_forward
+    from rpnlab.lab.reference import torchvision_rpn, torchvision_rpn_forward
 
     rpn = _rpn(seed, offset=offset, conv_channels=conv_channels).train()
     g = torch.Generator().manual_seed(seed)
@@ -269,7 +273,7 @@ def test_torchvision_rpn_twin_gives_the_same_losses_and_proposals(seed, offset, 
 
 
 def test_torchvision_rpn_refuses_what_torchvision_lacks():
-    from rpnlab.reference import torchvision_rpn, torchvision_rpn_forward
+    from rpnlab.lab.reference import torchvision_rpn, torchvision_rpn_forward
 
     with pytest.raises(ValueError, match="sigmoid"):
         torchvision_rpn(_rpn(0, objectness="softmax"))
@@ -278,7 +282,7 @@ def test_torchvision_rpn_refuses_what_torchvision_lacks():
 
 
 def test_torchvision_postprocess_twin():
-    from rpnlab.reference import torchvision_postprocess
+    from rpnlab.lab.reference import torchvision_postprocess
 
     logits, regression, proposals = _head_outputs(3, r=50)
     split = [proposals[:30], proposals[30:]]
@@ -314,7 +318,7 @@ class _Shapes:
 
 @pytest.fixture(scope="module")
 def rpn_run(tmp_path_factory):
-    from rpnlab.stage_training import train_rpn
+    from rpnlab.lab.stage_training import train_rpn
 
     return train_rpn(2, num_images=4, batch_size=2, device="cpu", out_dir=str(tmp_path_factory.mktemp("rpn")),
                      loss_normalization="paper")
@@ -325,7 +329,7 @@ def test_train_rpn_runs_the_asked_iterations(rpn_run):
     assert rpn_run.checkpoint is not None and rpn_run.checkpoint.exists()
     assert rpn_run.model.config.rpn.loss_normalization == "paper"
     assert all(np.isfinite(h["loss_rpn_box_reg"]) for h in rpn_run.history)
-    from rpnlab.stage_training import train_rpn
+    from rpnlab.lab.stage_training import train_rpn
 
     with pytest.raises(ValueError, match="iterations"):
         train_rpn(0)
@@ -334,7 +338,7 @@ def test_train_rpn_runs_the_asked_iterations(rpn_run):
 def test_train_fast_rcnn_head_trains_only_the_head(rpn_run):
     import copy
 
-    from rpnlab.stage_training import frozen_rpn_proposals, train_fast_rcnn_head
+    from rpnlab.lab.stage_training import frozen_rpn_proposals, train_fast_rcnn_head
 
     model = copy.deepcopy(rpn_run.model)
     next(model.backbone.parameters()).requires_grad_(False)  # frozen from the start: must stay frozen

@@ -1,4 +1,4 @@
-"""rpnlab.widgets: setting a control recomputes what the pure functions give, and shows a figure."""
+"""rpnlab.lab.widgets: setting a control recomputes what the pure functions give, and shows a figure."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import ipywidgets as W
 import pytest
 import torch
 
-from rpnlab import analysis, widgets
-from rpnlab.anchors import AnchorGenerator
 from rpnlab.data import SyntheticShapes
-from rpnlab.matching import Matcher, label_anchors
+from rpnlab.detector.anchors import AnchorGenerator
+from rpnlab.detector.matching import Matcher, label_anchors
+from rpnlab.lab import widgets
+from rpnlab.lab.anchors import coverage_over_dataset
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_anchor_explorer_matches_analysis(dataset):
     assert set(ex.controls) == {"sizes", "ratios", "stride", "index"}
     r = ex.last_result
     assert (r["k"], r["num_anchors"], r["stride"]) == (12, 768, 16)
-    reference = analysis.coverage_over_dataset(AnchorGenerator((16, 32, 64, 128), (0.5, 1.0, 2.0), 16), dataset)
+    reference = coverage_over_dataset(AnchorGenerator((16, 32, 64, 128), (0.5, 1.0, 2.0), 16), dataset)
     torch.testing.assert_close(r["best_iou"], reference["best_iou"])
     assert r["mean_best_iou"] == pytest.approx(reference["mean_best_iou"])
     assert r["covered"] == pytest.approx(reference["covered"])

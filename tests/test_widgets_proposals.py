@@ -1,21 +1,21 @@
-"""rpnlab.proposal_analysis (the proposal layer step by step, recall per setting) and
+"""rpnlab.lab.proposals (the proposal layer step by step, recall per setting) and
 widgets.proposal_explorer (notebook 05)."""
 
 import pytest
 import torch
 
-from rpnlab import widgets
-from rpnlab.anchors import AnchorGenerator
-from rpnlab.boxes import BoxCoder
-from rpnlab.evaluation import proposal_recall
-from rpnlab.proposal_analysis import (
+from rpnlab.detector.anchors import AnchorGenerator
+from rpnlab.detector.boxes import BoxCoder
+from rpnlab.detector.proposals import ProposalLayer
+from rpnlab.engine.evaluation import proposal_recall
+from rpnlab.lab import widgets
+from rpnlab.lab.proposals import (
     FUNNEL_STEPS,
     proposal_funnel,
     proposals_for,
     recall_by_setting,
     rpn_outputs,
 )
-from rpnlab.proposals import ProposalLayer
 from tests.conftest import random_boxes
 
 IMAGE = (128, 128)
@@ -126,7 +126,7 @@ class _Boxes:
 
 @pytest.fixture(scope="module")
 def small_model():
-    from rpnlab.model import FasterRCNN, synthetic_model_config
+    from rpnlab.detector.model import FasterRCNN, synthetic_model_config
 
     torch.manual_seed(0)
     model = FasterRCNN.from_config(synthetic_model_config()).eval()

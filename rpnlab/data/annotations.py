@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rpnlab.boxes import clip_boxes
+from rpnlab.detector.boxes import clip_boxes
 
 __all__ = ["ON_INVALID", "AnnotationWarning", "BoxPolicy", "make_target"]
 

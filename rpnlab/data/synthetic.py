@@ -29,6 +29,9 @@ pixel values use only ``+ - * /`` on float64, which IEEE 754 rounds the same on 
 
 The dataset caches its images (``uint8``) and annotations in ``<root>/<split>-<hash>.pt``,
 where the hash covers every parameter and the generator version.
+
+Longer than 500 lines because the shape renderer, the scene sampler and the on-disk cache of the
+embedded dataset belong together.
 """
 
 from __future__ import annotations

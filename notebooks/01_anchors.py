@@ -1,0 +1,192 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Anchors: reference boxes at every feature-map location
+#
+# **Goal.** Build the anchors of the Region Proposal Network: `k` reference boxes (sizes x
+# aspect ratios) centred on every cell of the feature map. Then measure how well they *cover*
+# the ground-truth boxes, because the RPN can only learn to refine an anchor that already
+# overlaps an object.
+#
+# The paper (Ren et al. 2015, sec. 3.1.1) uses 3 sizes (128, 256, 512 pixels: the square root
+# of the area) and 3 aspect ratios (1:2, 1:1, 2:1), so `k = 9` anchors per location of VGG-16's
+# stride-16 feature map. Our synthetic objects are much smaller, so our defaults are smaller.
+
+# %% tags=["parameters"]
+device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
+seed: int = 0  # seeds the dataset, k-means and every random generator
+smoke: bool = False  # tiny sizes for CI: a handful of images instead of the full split
+record_path: str = ""  # JSON file for the key figures; empty: runs/records/01_anchors.json
+anchor_sizes: list = [16, 32, 64, 128]  # anchor sizes in pixels, the square root of the anchor area
+anchor_ratios: list = [0.5, 1.0, 2.0]  # anchor aspect ratios as height / width
+anchor_stride: int = 16  # feature stride in pixels: one anchor location every this many pixels
+num_images: int = 600  # training images whose boxes the coverage is measured on
+kmeans_k: int = 9  # anchor shapes found by k-means (the aside at the end)
+
+# %%
+# %matplotlib inline
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+from rpnlab.lab import records, widgets
+
+from rpnlab.lab.anchors import coverage_over_dataset, default_feature_sizes, kmeans_anchors, mean_best_iou, plot_anchor_coverage, plot_anchor_grid, plot_base_anchors, plot_kmeans_anchors, wh_to_sizes_ratios
+from rpnlab.detector.anchors import AnchorGenerator
+from rpnlab.data import SyntheticShapes
+from rpnlab.engine.devices import resolve_device, seed_everything
+
+records.begin("01_anchors", record_path)
+seed_everything(seed)
+dev = resolve_device(device)
+if smoke:
+    num_images = 24
+dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
+
+# %% [markdown]
+# ## The paper's 9 anchors
+#
+# An anchor of size `s` and ratio `r = h / w` keeps the area `s^2`: `w = s / sqrt(r)`,
+# `h = s * sqrt(r)`. Centred on `(0, 0)` it is `(-w/2, -h/2, w/2, h/2)`, rounded to whole pixels
+# as torchvision does. The order is ratios outer, sizes inner; the RPN head's `k` outputs per
+# location follow this order, so it matters.
+#
+# Conventions differ between implementations: torchvision and py-faster-rcnn read the ratio as
+# `h / w` (so 0.5 is a *wide* box), d2l as `w / h`. `AnchorGenerator(ratio_convention="w/h")`
+# switches.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+paper = AnchorGenerator()  # sizes (128, 256, 512), ratios (0.5, 1, 2), stride 16
+base = paper.base_anchors()
+for (s, r), box in zip([(s, r) for r in paper.aspect_ratios[0] for s in paper.sizes[0]], base.int().tolist()):
+    print(f"size {s:>5.0f}  ratio {r:>3}  ->  {box}  ({box[2] - box[0]} x {box[3] - box[1]})")
+
+# %%
+plot_base_anchors(paper, title="the paper's 9 anchors (sizes 128, 256, 512; ratios h/w 0.5, 1, 2)")
+
+# %% [markdown]
+# ## Anchors for our data
+#
+# Our images are 128 x 128 with objects of 12 to 77 pixels (notebook 00), so we take the sizes
+# and ratios of the parameters cell. With `anchor_stride` pixels per feature cell, a 128-pixel
+# image gives a `ceil(128 / stride)`-square feature map, and `H * W * k` anchors in all.
+
+# %%
+generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=anchor_ratios, strides=anchor_stride)
+plot_base_anchors(generator)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+image, target = dataset[0]
+feature_size = default_feature_sizes(tuple(image.shape[-2:]), [anchor_stride])
+anchors = generator(feature_size, device=dev)
+k = generator.num_anchors_per_location()[0]
+print(f"image {tuple(image.shape[-2:])}, stride {anchor_stride} -> feature map {feature_size[0]}")
+print(f"k = {k} anchors per location, {anchors.shape[0]} anchors: shape {tuple(anchors.shape)}")
+print("first location's anchors:", anchors[:k].int().tolist())
+
+# %% [markdown]
+# Drawn on an image: the dots are the anchor centres (one per feature cell, at the cell's
+# top-left corner with torchvision's `offset=0`), the blue boxes the `k` anchors of the location
+# nearest the image centre, and for each ground-truth box (white) its best anchor (dashed) with
+# their IoU. Anchors may reach beyond the image border; the paper ignores those in training,
+# torchvision keeps them.
+
+# %%
+plot_anchor_grid(image, anchors, anchor_stride, gt_boxes=target["boxes"])
+
+# %% [markdown]
+# ## Coverage: the best IoU of every ground-truth box
+#
+# In training (notebook 03) an anchor is positive when its IoU with a box is at least 0.7, and
+# each box also takes its best anchor even below that. A box whose best IoU is low starts
+# far from every anchor: the RPN must learn a large correction for it. So we measure, over the
+# whole training set, each box's best IoU with the anchors of its image, and the share of boxes
+# with a best IoU of at least 0.5 and 0.7.
+
+# %%
+coverage = coverage_over_dataset(generator, dataset)
+print(f"{coverage['num_gt']} boxes in {coverage['num_images']} images: mean best IoU {coverage['mean_best_iou']:.3f}")
+for t, share in coverage["covered"].items():
+    print(f"  best IoU >= {t}: {share:.1%} of the boxes")
+plot_anchor_coverage(coverage["best_iou"], thresholds=(0.5, 0.7))
+
+# %% [markdown]
+# ## Explore: sizes, ratios, stride
+#
+# The explorer calls the same two functions as the cells above (`plot_anchor_grid`,
+# `plot_anchor_coverage`) whenever a control changes. Things to try: a stride of 8 (four times
+# the anchors: does coverage at 0.7 rise?), dropping the size 16 (what happens to the small
+# boxes?), adding ratios 0.33 and 3.
+
+# %%
+explorer = widgets.anchor_explorer(dataset, sizes=anchor_sizes, ratios=anchor_ratios, stride=anchor_stride)
+explorer
+
+# %%
+r = explorer.last_result
+print(f"explorer update: {1000 * r['seconds']:.0f} ms to compute, {1000 * r['render_seconds']:.0f} ms to draw")
+
+# %% [markdown]
+# ## Aside: anchors from k-means
+#
+# YOLOv2 chose its anchor shapes by clustering the ground-truth widths and heights with the
+# distance `1 - IoU` (boxes compared as if centred on one point). Those `k` shapes fit the boxes
+# better than a sizes x ratios grid with the same `k`, measured by the mean best (centred) IoU.
+# Faster R-CNN keeps the grid; the gap shows what it gives away.
+
+# %%
+gt_wh = coverage["gt_boxes"][:, 2:] - coverage["gt_boxes"][:, :2]
+kmeans_wh = kmeans_anchors(gt_wh, k=min(kmeans_k, len(gt_wh)), seed=seed)
+base_wh = generator.base_anchors()[:, 2:] - generator.base_anchors()[:, :2]
+kmeans_fit = mean_best_iou(gt_wh, kmeans_wh)
+grid_fit = mean_best_iou(gt_wh, base_wh)
+print(f"mean best centred IoU: k-means ({len(kmeans_wh)} shapes) {kmeans_fit:.3f}, grid ({len(base_wh)} shapes) {grid_fit:.3f}")
+sizes, ratios = wh_to_sizes_ratios(kmeans_wh)
+print("k-means shapes as sizes:", [round(s) for s in sizes], "ratios h/w:", [round(r, 2) for r in ratios])
+plot_kmeans_anchors(gt_wh, kmeans_wh, base_wh)
+
+# %% [markdown]
+# ## Check against torchvision
+#
+# torchvision's `AnchorGenerator` takes the same sizes and ratios and infers the stride from the
+# image and feature-map sizes. Same numbers, same order?
+
+# %%
+# NBVAL_CHECK_OUTPUT
+tv_generator = TorchvisionAnchorGenerator(sizes=(tuple(anchor_sizes),), aspect_ratios=(tuple(anchor_ratios),))
+images = ImageList(image[None], [tuple(image.shape[-2:])])
+fmap = torch.zeros(1, 1, *feature_size[0])
+theirs = tv_generator(images, [fmap])[0]
+torch.testing.assert_close(anchors.cpu(), theirs)
+print(f"{tuple(theirs.shape)} anchors: matches torchvision: True")
+
+# %% [markdown]
+# ## What we measured
+
+# %%
+records.record("k", k)
+records.record("num_anchors", anchors.shape[0])
+records.record("num_gt", coverage["num_gt"])
+records.record("mean_best_iou", coverage["mean_best_iou"])
+records.record("coverage_at_0.5", coverage["covered"][0.5])
+records.record("coverage_at_0.7", coverage["covered"][0.7])
+records.record("kmeans_mean_iou", kmeans_fit)
+records.record("grid_mean_iou", grid_fit)
+records.record("explorer_ms", 1000 * r["seconds"])
+records.record("explorer_render_ms", 1000 * r["render_seconds"])
+records.save_record();

@@ -1,0 +1,170 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · RoI pooling: a fixed-size feature grid for every proposal
+#
+# **Goal.** See how the second stage cuts a fixed `7 x 7` grid of features out of the feature
+# map for a proposal of any size: RoI Pool (Fast R-CNN), RoI Align (Mask R-CNN) and
+# crop-and-resize (tf-faster-rcnn). Draw the rounding RoI Pool does and measure what it costs,
+# then check our plain-PyTorch kernels against torchvision's, forward and backward, and time them.
+#
+# The Fast R-CNN head ends in fully connected layers, which need the same number of inputs
+# from every proposal; proposals come in every size and position.
+
+# %% tags=["parameters"]
+device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
+seed: int = 0  # seeds the data and the random RoIs
+smoke: bool = False  # tiny sizes for CI: fewer boxes and RoIs
+record_path: str = ""  # JSON file for the key figures; empty: runs/records/06_roi_pooling.json
+output_size: int = 7  # pooled grid per RoI, output_size x output_size (7 for VGG-16's fc6)
+sampling_ratio: int = 2  # RoI Align: bilinear sample points per bin along each axis
+stride: int = 16  # feature stride (VGG-16's in the paper): RoIs are scaled by 1 / stride onto the feature map
+image_index: int = 0  # the image whose first box the figures pool
+num_images: int = 600  # training images whose boxes measure the quantisation
+num_rois: int = 256  # random RoIs of the equality check and the timing
+channels: int = 64  # feature channels of the equality check and the timing
+
+# %%
+# %matplotlib inline
+import torch
+import torch.nn.functional as F
+
+from rpnlab.lab import records
+
+from rpnlab.lab.figures import plot_value_histograms
+
+from rpnlab.lab.roi import plot_pooled_rois, plot_roi_quantisation
+from rpnlab.detector.boxes import box_iou
+from rpnlab.data import SyntheticShapes
+from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.detector.roi import crop_and_resize_pool, roi_align, roi_pool
+from rpnlab.lab.roi import compare_roi_kernels, roi_pool_region
+
+records.begin("06_roi_pooling", record_path)
+seed_everything(seed)
+dev = resolve_device(device)
+if smoke:
+    num_images, num_rois = 24, 32
+dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
+image, target = dataset[image_index]
+box = target["boxes"][0]
+
+# %% [markdown]
+# ## Rounding: what RoI Pool does to a box
+#
+# RoI Pool scales the box onto the feature grid (`x / stride`) and rounds its corners to whole
+# cells; it then cuts the rounded box into `out x out` bins whose edges are rounded again
+# (outwards) and takes each bin's maximum. Following Caffe, the rounded box spans cells `x1..x2`
+# *inclusive*. RoI Align rounds nothing: its bins are exact and each averages a few bilinearly
+# interpolated points. Left RoI Pool, right RoI Align, for this image's first box (2 x 2 bins,
+# to keep the drawing readable; the grid lines are the cells' integer coordinates):
+
+# %%
+plot_roi_quantisation(box.tolist(), spatial_scale=1 / stride, output_size=2, sampling_ratio=sampling_ratio)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+region = roi_pool_region(box[None], 1 / stride)[0]
+print("box (pixels):          ", [round(v, 1) for v in box.tolist()])
+print("box (feature cells):   ", [round(v / stride, 2) for v in box.tolist()])
+print("RoI Pool reads (pixels):", [round(v, 1) for v in region.tolist()])
+print(f"IoU of the box with what RoI Pool reads: {box_iou(box[None], region[None]).item():.3f}")
+
+# %% [markdown]
+# Which pixels do the cells `x1..x2` stand for? Cell `i` sits at pixel `i * stride` (as the
+# anchors with offset 0 and RoI Align's sample points do), so it stands for the `stride` pixels
+# around it, and RoI Pool reads `[(x1 - 1/2) * stride, (x2 + 1/2) * stride]`
+# (`rpnlab.lab.roi.roi_pool_region`): a region that always contains the box, each edge
+# pushed out by 0 to 1 cell, half a cell on average. Over every box of the training images,
+# the IoU of the box with that region: small boxes are pooled together with a lot of their
+# surroundings at stride 16. Halving the stride halves the damage; RoI Align avoids it.
+
+# %%
+boxes = torch.cat([dataset[i][1]["boxes"] for i in range(len(dataset))])
+quantisation_iou = {f"stride {s}": box_iou(boxes, roi_pool_region(boxes, 1 / s)).diagonal() for s in (stride, stride // 2)}
+for name, iou in quantisation_iou.items():
+    print(f"{name}: mean IoU {iou.mean():.3f}, boxes below IoU 0.7: {(iou < 0.7).float().mean():.1%} of {len(iou)}")
+plot_value_histograms(quantisation_iou, "IoU of a box with the region RoI Pool reads",
+                          title="RoI Pool's rounding, over the training boxes", y_label="boxes")
+
+
+# %% [markdown]
+# ## Three ways to pool one box
+#
+# Pool the image itself, so that the outputs can be looked at: first at full resolution
+# (spatial scale 1), then from the image averaged down to the stride, which is how coarse a
+# real feature map is (`128 / stride` cells a side for our 128 x 128 images).
+# crop-and-resize samples a `2out x 2out` grid bilinearly and max-pools it 2 x 2.
+
+# %%
+def pool_three_ways(feature_map, scale):
+    rois = [box[None].to(feature_map)]
+    return {"RoI Pool": roi_pool(feature_map, rois, output_size, scale)[0],
+            "RoI Align": roi_align(feature_map, rois, output_size, scale, sampling_ratio)[0],
+            "crop and resize": crop_and_resize_pool(feature_map, rois, output_size, scale)[0]}
+
+
+plot_pooled_rois(image, box, pool_three_ways(image[None], 1.0), title="pooling the image itself (spatial scale 1)")
+
+# %%
+coarse = F.avg_pool2d(image[None], stride)  # (1, 3, H / stride, W / stride)
+plot_pooled_rois(coarse[0], box / stride, pool_three_ways(coarse, 1 / stride),
+                     title=f"pooling a {coarse.shape[-2]} x {coarse.shape[-1]} map: the image at stride {stride}")
+
+# %% [markdown]
+# ## Check against torchvision, and timing
+#
+# `rpnlab.detector.roi.roi_pool` and `roi_align` are written in plain PyTorch (gather the sample points,
+# then max or average), for reading. On random features and RoIs (some reaching outside the
+# map) they must give what `torchvision.ops.roi_pool` / `roi_align` give, and the same gradient
+# with respect to the features (for one random upstream gradient).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+g = torch.Generator().manual_seed(seed)
+features = torch.randn(2, channels, 32, 32, generator=g).to(dev)  # 2 images of 512 x 512 pixels at stride 16
+corners = torch.rand(num_rois, 2, generator=g) * 480 - 20
+sizes = torch.rand(num_rois, 2, generator=g) * 200 + 1
+batch_index = torch.randint(0, 2, (num_rois, 1), generator=g).float()
+rois = torch.cat([batch_index, corners, corners + sizes], dim=1).to(dev)  # (K, 5): [image, x1, y1, x2, y2]
+kernels = compare_roi_kernels(features, rois, output_size, 1 / stride, sampling_ratio)
+for name, result in kernels.items():
+    ok = result["forward_max_diff"] < 1e-4 and result["grad_max_diff"] < 1e-4
+    print(f"{name}: forward and gradient match torchvision.ops.{name} (max difference < 1e-4): {ok}")
+
+# %%
+for name, result in kernels.items():
+    print(f"{name}: plain PyTorch {1000 * result['python_seconds']:.1f} ms, torchvision {1000 * result['torchvision_seconds']:.1f} ms "
+          f"per forward + backward of {num_rois} RoIs x {channels} channels on {dev}; max differences "
+          f"{result['forward_max_diff']:.1e} (forward), {result['grad_max_diff']:.1e} (gradient)")
+
+# %% [markdown]
+# The detector uses `rpnlab.detector.roi.RoIPooler`, which calls torchvision's compiled kernels by
+# default (`implementation="torchvision"`) and these plain versions with `"python"`.
+#
+# ## What we measured
+
+# %%
+records.record("box", box)
+records.record("box_quantisation_iou", box_iou(box[None], region[None]).item())
+for name, iou in quantisation_iou.items():
+    records.record(f"mean_quantisation_iou_{name.replace(' ', '_')}", iou.mean())
+for name, result in kernels.items():
+    records.record(f"{name}_forward_max_diff", result["forward_max_diff"])
+    records.record(f"{name}_grad_max_diff", result["grad_max_diff"])
+    records.record(f"{name}_python_ms", 1000 * result["python_seconds"])
+    records.record(f"{name}_torchvision_ms", 1000 * result["torchvision_seconds"])
+records.save_record();

@@ -1,0 +1,188 @@
+"""Short training runs for the stage notebooks (04-07): the RPN alone, then the Fast R-CNN head alone.
+
+``train_rpn`` is ``rpnlab.engine.train.train`` with ``schedule="rpn"`` and the synthetic-shapes defaults,
+sized in iterations rather than epochs, so a notebook can say "train for 300 iterations".
+
+``train_fast_rcnn_head`` trains only the RoI head of a model whose backbone and RPN stay frozen
+(step 4 of the paper's alternating schedule, without steps 2 and 3). The features are then
+constants, so no gradient flows back through RoI pooling into the feature map: on a CPU that
+backward pass costs more than everything else of a joint iteration, and skipping it makes a
+useful head train in about a minute.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rpnlab.config import DataConfig
+from rpnlab.engine.devices import resolve_device
+from rpnlab.engine.train import ROI_LOSSES, TrainResult, lr_factor, synthetic_train_config, train
+
+__all__ = ["frozen_rpn_proposals", "train_fast_rcnn_head", "train_rpn"]
+
+
+def train_rpn(
+    iterations: int,
+    num_images: int = 600,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    out_dir: str | None = None,
+    lr: float = 0.02,
+    objectness: str = "sigmoid",
+    loss_normalization: str = "sampled",
+    model_config=None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train backbone + RPN on the synthetic shapes for ``iterations`` SGD steps.
+
+    Args:
+        iterations: SGD steps (batches of ``batch_size`` images); the learning-rate schedule
+            (warm-up, then cosine) spans the whole epochs these steps start.
+        num_images: training images (the first ones of the synthetic train split).
+        out_dir: folder for ``checkpoint.pt``; default a fresh temporary folder (not deleted:
+            the checkpoint is what ``TrainResult.checkpoint`` points to).
+        objectness, loss_normalization: ``RPNConfig`` settings (``"sigmoid"`` / ``"softmax"``,
+            ``"sampled"`` / ``"paper"``).
+        model_config: a ``ModelConfig`` to start from (default ``synthetic_model_config()``).
+    Returns:
+        ``rpnlab.engine.train.TrainResult``: ``history`` (one dict per step with ``loss_objectness``,
+        ``loss_rpn_box_reg``, ``total``, ``lr``), ``model`` (a ``FasterRCNN`` in eval mode whose
+        RoI head is untrained), ``checkpoint``, ``seconds``.
+    """
+    from rpnlab.data import SyntheticShapes
+    from rpnlab.detector.model import synthetic_model_config
+
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations <= 0:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    model_cfg = copy.deepcopy(model_config) if model_config is not None else synthetic_model_config()
+    model_cfg.rpn.objectness = objectness
+    model_cfg.rpn.loss_normalization = loss_normalization
+    model_cfg.validate()
+    iters_per_epoch = math.ceil(num_images / batch_size)
+    train_cfg = synthetic_train_config(
+        schedule="rpn",
+        epochs=math.ceil(iterations / iters_per_epoch),
+        batch_size=batch_size,
+        lr=lr,
+        warmup_iters=min(50, max(1, iterations // 5)),
+        max_iters=iterations,
+        seed=seed,
+        device=str(device),
+        out_dir=out_dir or tempfile.mkdtemp(prefix="rpnlab-rpn-"),
+    )
+    data_cfg = DataConfig(num_train=num_images, seed=seed)
+    dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
+    return train(model_cfg, data_cfg, train_cfg, progress=progress, train_dataset=dataset)
+
+
+@torch.no_grad()
+def frozen_rpn_proposals(model: nn.Module, images, train_counts: bool = True):
+    """Features and proposals of a model's backbone and RPN, without gradient.
+
+    Args:
+        model: an ``rpnlab.detector.model.FasterRCNN``; images: an ``ImageBatch`` or a list of ``(3, H, W)``.
+        train_counts: use the proposal layer's training-time counts (``post_nms_top_n_train``, what
+            Fast R-CNN trains on, as the paper's step 4) rather than the test-time ones.
+    Returns:
+        ``features`` (list of ``(B, C, H, W)``), ``proposals`` (per image ``(P_i, 4)``),
+        ``image_sizes``. The model's train/eval state is left as it was.
+    """
+    was_training = model.rpn.training
+    x, sizes = model.prepare_images(images)
+    features = model.backbone(x)
+    model.rpn.eval()
+    model.rpn.proposal_layer.train(train_counts)
+    try:
+        proposals = model.rpn(features, sizes).proposals
+    finally:
+        model.rpn.train(was_training)
+    return features, proposals, sizes
+
+
+def train_fast_rcnn_head(
+    model: nn.Module,
+    dataset,
+    iterations: int,
+    batch_size: int = 8,
+    lr: float = 0.02,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    warmup_iters: int = 20,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model.roi_heads`` for ``iterations`` SGD steps on the proposals of its frozen RPN.
+
+    Args:
+        model: an ``rpnlab.detector.model.FasterRCNN`` (its backbone and RPN are left unchanged).
+        dataset: yields ``(image, target)``; batches are drawn in a seeded shuffled order.
+        iterations: SGD steps; the learning rate warms up over ``warmup_iters`` then decays as a cosine.
+        device: default the model's.
+        callback: called with each step's record.
+    Returns:
+        One dict per step: ``step``, ``lr``, ``loss_classifier``, ``loss_box_reg``, ``total``.
+        The model is left in eval mode, every parameter trainable again.
+    """
+    from rpnlab.data import collate
+
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations <= 0:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: nothing to train on")
+    dev = next(model.parameters()).device if device is None else resolve_device(device)
+    model.to(dev)
+    was_trainable = {id(p): p.requires_grad for p in model.parameters()}
+    for name, part in model.named_children():
+        for p in part.parameters():
+            p.requires_grad_(name == "roi_heads" and was_trainable[id(p)])
+    params = [p for p in model.roi_heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed))
+    history: list[dict[str, Any]] = []
+    model.eval()
+    model.roi_heads.train()
+    try:
+        step = 0
+        while step < iterations:
+            for images, targets in loader:
+                if step >= iterations:
+                    break
+                images = images.to(dev)
+                targets = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                           for t in targets]
+                features, proposals, sizes = frozen_rpn_proposals(model, images)
+                feats = features[0] if len(features) == 1 else features
+                _, losses, _ = model.roi_heads(feats, proposals, sizes, targets)
+                total = sum(losses[k] for k in ROI_LOSSES)
+                factor = lr_factor(step, iterations, warmup_iters, "cosine")
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * factor
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                values = torch.stack([losses[k].detach() for k in ROI_LOSSES] + [total.detach()]).tolist()
+                record = {"step": step, "lr": lr * factor, **dict(zip(ROI_LOSSES, values[:-1])), "total": values[-1]}
+                if not all(math.isfinite(v) for v in values):
+                    raise RuntimeError(f"non-finite loss at step {step}: {record}; try a lower lr")
+                history.append(record)
+                if callback is not None:
+                    callback(record)
+                step += 1
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(was_trainable[id(p)])
+        model.eval()
+    return history
