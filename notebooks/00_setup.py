@@ -37,14 +37,12 @@ num_samples: int = 8  # images drawn with their boxes
 import torch
 import torchvision
 
-from rpnlab.lab import records, widgets
-
-from rpnlab.lab.anchors import dataset_gt_boxes
-
-from rpnlab.lab.figures import plot_dataset_statistics, show_dataset_samples
-from rpnlab.detector.boxes import box_iou
 from rpnlab.data import SyntheticShapes
+from rpnlab.detector.boxes import box_iou
 from rpnlab.engine.devices import describe_environment, resolve_device, seed_everything
+from rpnlab.lab import records, widgets
+from rpnlab.lab.anchors import dataset_gt_boxes
+from rpnlab.lab.figures import plot_dataset_statistics, show_dataset_samples
 
 records.begin("00_setup", record_path)
 seed_everything(seed)

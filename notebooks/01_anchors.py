@@ -42,12 +42,21 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from rpnlab.lab import records, widgets
-
-from rpnlab.lab.anchors import coverage_over_dataset, default_feature_sizes, kmeans_anchors, mean_best_iou, plot_anchor_coverage, plot_anchor_grid, plot_base_anchors, plot_kmeans_anchors, wh_to_sizes_ratios
-from rpnlab.detector.anchors import AnchorGenerator
 from rpnlab.data import SyntheticShapes
+from rpnlab.detector.anchors import AnchorGenerator
 from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.lab import records, widgets
+from rpnlab.lab.anchors import (
+    coverage_over_dataset,
+    default_feature_sizes,
+    kmeans_anchors,
+    mean_best_iou,
+    plot_anchor_coverage,
+    plot_anchor_grid,
+    plot_base_anchors,
+    plot_kmeans_anchors,
+    wh_to_sizes_ratios,
+)
 
 records.begin("01_anchors", record_path)
 seed_everything(seed)

@@ -46,11 +46,16 @@ import math
 import torch
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 
-from rpnlab.lab import records, widgets
-
-from rpnlab.lab.box_coding import plot_box_coding
-from rpnlab.detector.boxes import DEFAULT_BBOX_CLAMP, BoxCoder, box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from rpnlab.detector.boxes import (
+    DEFAULT_BBOX_CLAMP,
+    BoxCoder,
+    box_iou,
+    cxcywh_to_xyxy,
+    xyxy_to_cxcywh,
+)
 from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.lab import records, widgets
+from rpnlab.lab.box_coding import plot_box_coding
 
 records.begin("02_box_coding", record_path)
 seed_everything(seed)

@@ -48,16 +48,14 @@ import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
 
-from rpnlab.lab import records, widgets
-
-from rpnlab.lab.anchors import coverage_over_dataset, default_feature_sizes
-
-from rpnlab.lab.matching import label_counts, plot_iou_matrix, plot_matching
+from rpnlab.data import SyntheticShapes
 from rpnlab.detector.anchors import AnchorGenerator
 from rpnlab.detector.boxes import box_iou
-from rpnlab.data import SyntheticShapes
-from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.detector.matching import BalancedSampler, Matcher, label_anchors, label_anchors_batch
+from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.lab import records, widgets
+from rpnlab.lab.anchors import coverage_over_dataset, default_feature_sizes
+from rpnlab.lab.matching import label_counts, plot_iou_matrix, plot_matching
 
 records.begin("03_matching_sampling", record_path)
 seed_everything(seed)

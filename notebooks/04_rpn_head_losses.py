@@ -46,22 +46,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rpnlab.lab import records
-
-from rpnlab.lab.figures import plot_loss_curves
-
-from rpnlab.lab.proposals import plot_proposals
-
-from rpnlab.lab.rpn import plot_objectness_forms, plot_smooth_l1, plot_softmax_reshape
 from rpnlab.data import SyntheticShapes, collate
-from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.detector.losses import objectness_loss, rpn_loss, smooth_l1, softmax_objectness_reshape
 from rpnlab.detector.model import FasterRCNN, synthetic_model_config
-from rpnlab.lab.proposals import recall_by_setting, rpn_outputs
-from rpnlab.lab.reference import torchvision_rpn, torchvision_rpn_forward
 from rpnlab.detector.rpn import RPNHead, flatten_head_outputs
-from rpnlab.lab.stage_training import train_rpn
+from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.engine.train import RPN_LOSSES
+from rpnlab.lab import records
+from rpnlab.lab.figures import plot_loss_curves
+from rpnlab.lab.proposals import plot_proposals, recall_by_setting, rpn_outputs
+from rpnlab.lab.reference import torchvision_rpn, torchvision_rpn_forward
+from rpnlab.lab.rpn import plot_objectness_forms, plot_smooth_l1, plot_softmax_reshape
+from rpnlab.lab.stage_training import train_rpn
 
 record_file = records.begin("04_rpn_head_losses", record_path)
 seed_everything(seed)

@@ -46,19 +46,22 @@ min_size: float = 0.0  # boxes narrower or lower than this (pixels, after clippi
 import torch
 import torchvision
 
-from rpnlab.lab import records, widgets
-
-from rpnlab.lab.figures import new_figure
-
-from rpnlab.lab.proposals import plot_proposal_steps, plot_recall_curves
 from rpnlab.data import SyntheticShapes
-from rpnlab.engine.devices import resolve_device, seed_everything
-from rpnlab.engine.checkpoint import load_model
-from rpnlab.lab.proposals import proposal_funnel, recall_by_setting, rpn_outputs
 from rpnlab.detector.proposals import nms
+from rpnlab.engine.checkpoint import load_model
+from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.lab import records, widgets
+from rpnlab.lab.figures import new_figure
+from rpnlab.lab.proposals import (
+    plot_proposal_steps,
+    plot_recall_curves,
+    proposal_funnel,
+    recall_by_setting,
+    rpn_outputs,
+)
 from rpnlab.lab.reference import torchvision_rpn
-from rpnlab.lab.timing import time_call
 from rpnlab.lab.stage_training import train_rpn
+from rpnlab.lab.timing import time_call
 
 record_file = records.begin("05_proposals", record_path)
 seed_everything(seed)

@@ -42,16 +42,18 @@ channels: int = 64  # feature channels of the equality check and the timing
 import torch
 import torch.nn.functional as F
 
-from rpnlab.lab import records
-
-from rpnlab.lab.figures import plot_value_histograms
-
-from rpnlab.lab.roi import plot_pooled_rois, plot_roi_quantisation
-from rpnlab.detector.boxes import box_iou
 from rpnlab.data import SyntheticShapes
-from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.detector.boxes import box_iou
 from rpnlab.detector.roi import crop_and_resize_pool, roi_align, roi_pool
-from rpnlab.lab.roi import compare_roi_kernels, roi_pool_region
+from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.lab import records
+from rpnlab.lab.figures import plot_value_histograms
+from rpnlab.lab.roi import (
+    compare_roi_kernels,
+    plot_pooled_rois,
+    plot_roi_quantisation,
+    roi_pool_region,
+)
 
 records.begin("06_roi_pooling", record_path)
 seed_everything(seed)

@@ -52,25 +52,20 @@ import math
 import torch
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
-from rpnlab.lab import records
-
-from rpnlab.lab.detections import plot_detections
-
-from rpnlab.lab.figures import new_figure, plot_funnel, plot_loss_curves
-
-from rpnlab.lab.matching import plot_matching
-
-from rpnlab.lab.roi import plot_regression_targets
-from rpnlab.detector.boxes import BoxCoder
 from rpnlab.data import SyntheticShapes, collate
-from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.detector.boxes import BoxCoder
 from rpnlab.detector.losses import fast_rcnn_loss
-from rpnlab.engine.checkpoint import load_model
-from rpnlab.lab.reference import torchvision_postprocess
-from rpnlab.lab.roi import detection_funnel
 from rpnlab.detector.roi_heads import ProposalTargetSampler, postprocess_detections
-from rpnlab.lab.stage_training import frozen_rpn_proposals, train_fast_rcnn_head, train_rpn
+from rpnlab.engine.checkpoint import load_model
+from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.engine.train import ROI_LOSSES, evaluate
+from rpnlab.lab import records
+from rpnlab.lab.detections import plot_detections
+from rpnlab.lab.figures import new_figure, plot_funnel, plot_loss_curves
+from rpnlab.lab.matching import plot_matching
+from rpnlab.lab.reference import torchvision_postprocess
+from rpnlab.lab.roi import detection_funnel, plot_regression_targets
+from rpnlab.lab.stage_training import frozen_rpn_proposals, train_fast_rcnn_head, train_rpn
 
 record_file = records.begin("07_fast_rcnn_head", record_path)
 seed_everything(seed)

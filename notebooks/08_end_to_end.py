@@ -53,22 +53,18 @@ from pathlib import Path
 import torch
 from IPython.display import Markdown, display
 
-from rpnlab.lab import experiments, records
-
-from rpnlab.lab.anchors import default_feature_sizes
-
-from rpnlab.lab.detections import plot_detections, plot_training_history
-
-from rpnlab.lab.figures import new_figure
-
-from rpnlab.lab.proposals import plot_recall_curves
 from rpnlab.config import DataConfig
 from rpnlab.data import build_dataset
+from rpnlab.detector.model import synthetic_model_config
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.engine.evaluation import per_class_ap_table
-from rpnlab.detector.model import synthetic_model_config
-from rpnlab.lab.reference import torchvision_postprocess
 from rpnlab.engine.train import evaluate, stages_for, synthetic_train_config, train
+from rpnlab.lab import experiments, records
+from rpnlab.lab.anchors import default_feature_sizes
+from rpnlab.lab.detections import plot_detections, plot_training_history
+from rpnlab.lab.figures import new_figure
+from rpnlab.lab.proposals import plot_recall_curves
+from rpnlab.lab.reference import torchvision_postprocess
 
 records.begin("08_end_to_end", record_path)
 seed_everything(seed)

@@ -55,16 +55,14 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from rpnlab.lab import experiments, records
-
-from rpnlab.lab.anchors import default_feature_sizes
-
-from rpnlab.lab.experiments import plot_ablation
 from rpnlab.config import DataConfig
 from rpnlab.data import build_dataset
-from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.detector.model import synthetic_model_config
+from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.engine.train import synthetic_train_config
+from rpnlab.lab import experiments, records
+from rpnlab.lab.anchors import default_feature_sizes
+from rpnlab.lab.experiments import plot_ablation
 
 records.begin("09_experiments", record_path)
 seed_everything(seed)
