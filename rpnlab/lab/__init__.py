@@ -1,7 +1,7 @@
 """How the course looks at the detector: one module per stage holding its measurements and figures
 (``anchors``, ``box_coding``, ``matching``, ``rpn``, ``proposals``, ``roi``, ``detections``), the
 shared drawing (``figures``), the ipywidgets explorers (``widgets``), the paper's ablations
-(``experiments``), short stage trainings (``stage_training``), torchvision twins (``reference``),
+(``experiments``), seed statistics (``stats``), short stage trainings (``stage_training``), torchvision twins (``reference``),
 notebook records (``records``), the papermill runner (``runner``) and the notebook hygiene tool
 (``nbclean``).
 """
