@@ -11,11 +11,16 @@ region inside a cell::
 
 and ``rpnlab.lab.exercises.solutions`` holds one function per exercise with the same markers
 around its answer. This module writes a copy of each notebook where the region of every
-``my_<name>`` is the region of ``solutions.<name>`` (re-indented, markers kept), plus a first cell
-saying it is the instructor edition. Nothing is copied by hand, so a changed solution reaches the
-next edition, and tests/test_exercises.py proves every stub fails and every filled-in cell passes.
-nbgrader itself is not used: it needs a course database and a grading server, which an offline
-workshop with one command does not. From the repository root::
+``my_<name>`` is the region of ``solutions.<name>`` (re-indented, markers kept), plus a cell after
+the title saying it is the instructor edition. Nothing is copied by hand, so a changed solution
+reaches the next edition; tests/test_exercises.py proves every stub fails and every filled-in
+cell passes.
+
+nbgrader and otter-grader go the other way: the solutions live in the instructor's notebooks and
+a tool strips them (nbgrader also wants its course folder layout and a gradebook database). Here
+the committed notebooks are the student edition, which CI runs headless, so the direction is
+reversed: the student notebooks and one solutions module are the source, the instructor edition
+is the generated file, and no grading tool is needed at an offline workshop. From the repository root::
 
     python -m rpnlab.lab.exercises.instructor --out runs/instructor     # make instructor
 """
@@ -98,7 +103,9 @@ def instructor_notebook(nb):
     for cell in nb.cells:
         if cell.cell_type == "code" and BEGIN in cell.source:
             cell.source = fill_source(cell.source)
-    nb.cells.insert(0, nbformat.v4.new_markdown_cell(NOTE))
+    # After the title, so the notebook still opens on what it teaches.
+    at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
+    nb.cells.insert(at, nbformat.v4.new_markdown_cell(NOTE))
     return nb
 
 

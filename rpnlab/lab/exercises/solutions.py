@@ -3,7 +3,8 @@
 The code between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` is what the instructor edition
 puts in place of the stub's ``raise NotImplementedError`` (``rpnlab.lab.exercises.instructor``):
 the notebooks hold only the stubs, this file holds only the answers, and nothing is copied by
-hand. Written as a learner would, with torch only (no rpnlab), one idea per line.
+hand. Written as a learner would, with torch only (no rpnlab), one idea per line. They ship with
+the package, so a learner who looks can read them: the checks are for learning, not for grading.
 """
 
 from __future__ import annotations
