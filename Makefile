@@ -57,3 +57,9 @@ lab: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
+
+.PHONY: instructor
+INSTRUCTOR_OUT ?= runs/instructor
+## The instructor edition: notebooks 01-07 with the exercises' solutions filled in, into runs/instructor/
+instructor: $(STAMP)
+	$(PY) -m rpnlab.lab.exercises.instructor --out $(INSTRUCTOR_OUT)

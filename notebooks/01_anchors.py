@@ -88,6 +88,32 @@ for (s, r), box in zip([(s, r) for r in paper.aspect_ratios[0] for s in paper.si
 plot_base_anchors(paper, title="the paper's 9 anchors (sizes 128, 256, 512; ratios h/w 0.5, 1, 2)")
 
 # %% [markdown]
+# ### Exercise 1: the k base anchors
+#
+# Write `my_base_anchors(sizes, ratios)`: the `(k, 4)` anchors centred on `(0, 0)` that the
+# cell above printed, for any sizes and ratios (`h / w`), ratios outer, sizes inner, rounded with
+# `torch.round`. Why it matters: the RPN head's `k` outputs per location mean these shapes in
+# this order; a different order trains each output on the wrong shape without any error.
+#
+# Exercises: write the function's body in place of `raise NotImplementedError` (between the
+# `### BEGIN SOLUTION` and `### END SOLUTION` markers) and run the cell; the `check` line tries it
+# on hidden cases against rpnlab and torchvision and says right, or the first wrong case and why.
+# Until then it says "not done yet" and the notebook runs on.
+
+# %%
+from rpnlab.lab.exercises import check
+
+
+def my_base_anchors(sizes, ratios):
+    """sizes: list of k_s floats, ratios: list of k_r floats (h / w) -> (k_r * k_s, 4) centred on (0, 0)."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.base_anchors(my_base_anchors)
+
+# %% [markdown]
 # ## Anchors for our data
 #
 # Our images are 128 x 128 with objects of 12 to 77 pixels (notebook 00), so we take the sizes
@@ -117,6 +143,43 @@ print("first location's anchors:", anchors[:k].int().tolist())
 
 # %%
 plot_anchor_grid(image, anchors, anchor_stride, gt_boxes=target["boxes"])
+
+# %% [markdown]
+# ### Exercise 2: anchors at every location
+#
+# Write `my_anchor_grid(base, feature_size, stride, offset)`: shift the `k` base anchors to the
+# centre `((j + offset) * stride, (i + offset) * stride)` of every cell `(i, j)` of an `H x W`
+# feature map, locations row by row and the `k` anchors of a location together, as
+# `AnchorGenerator` does above. Why it matters: anchor `a` must be the anchor the head's output
+# `a` predicts for; the order is the contract between the two.
+
+# %%
+def my_anchor_grid(base, feature_size, stride, offset):
+    """base (k, 4), feature_size (H, W), stride: int, offset: float -> (H * W * k, 4)."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.anchor_grid(my_anchor_grid)
+
+# %% [markdown]
+# ### Exercise 3: IoU of every pair
+#
+# Write `my_iou(boxes1, boxes2)`: the intersection over union of every pair, `(N, M)`, for
+# boxes `x1, y1, x2, y2`, without a Python loop (broadcast `boxes1[:, None]` against
+# `boxes2[None]`). Why it matters: every stage that follows decides with IoU: which anchors are
+# positive (03), which proposals NMS removes (05), which RoIs are foreground (07), and the mAP.
+
+# %%
+def my_iou(boxes1, boxes2):
+    """boxes1 (N, 4), boxes2 (M, 4) -> IoU of every pair, (N, M)."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.iou(my_iou)
 
 # %% [markdown]
 # ## Coverage: the best IoU of every ground-truth box

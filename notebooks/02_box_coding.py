@@ -91,6 +91,32 @@ explorer = widgets.box_coding_explorer(anchor, gt)
 explorer
 
 # %% [markdown]
+# ### Exercise 1: encode
+#
+# Write `my_encode(anchors, boxes)`: the offsets `(tx, ty, tw, th)` of each box from its anchor,
+# as above (weights 1): centre shifts divided by the anchor's width and height, size ratios as
+# logarithms. Why it matters: these are the RPN's regression targets; a slip here (x over the
+# height) trains without an error and misplaces every box.
+#
+# Exercises: write the function's body in place of `raise NotImplementedError` (between the
+# `### BEGIN SOLUTION` and `### END SOLUTION` markers) and run the cell; the `check` line tries it
+# on hidden cases against rpnlab and torchvision and says right, or the first wrong case and why.
+# Until then it says "not done yet" and the notebook runs on.
+
+# %%
+from rpnlab.lab.exercises import check
+
+
+def my_encode(anchors, boxes):
+    """anchors (N, 4), boxes (N, 4) as x1, y1, x2, y2 -> offsets (N, 4): tx, ty, tw, th."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.encode(my_encode)
+
+# %% [markdown]
 # ## Decoding inverts encoding
 #
 # `decode(encode(anchor, gt), anchor)` must give back `gt`. On many random pairs, in float32
@@ -110,6 +136,23 @@ for dtype in (torch.float32, torch.float64):
     a, b = anchors.to(dtype), boxes.to(dtype)
     errors[str(dtype)] = (coder.decode(coder.encode(a, b), a) - b).abs().max().item()
     print(f"{dtype}: largest round-trip error over {num_pairs} pairs: {errors[str(dtype)]:.2e} px")
+
+# %% [markdown]
+# ### Exercise 2: decode
+#
+# Write `my_decode(deltas, anchors)`: the boxes that offsets describe on their anchors, the
+# inverse of `my_encode` (no clamp needed here). Why it matters: decoding turns every anchor's
+# predicted offsets into a proposal (05) and every RoI's into a detection (07).
+
+# %%
+def my_decode(deltas, anchors):
+    """deltas (N, 4) tx, ty, tw, th, anchors (N, 4) -> boxes (N, 4) as x1, y1, x2, y2."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.decode(my_decode)
 
 # %% [markdown]
 # ## The common slip: `x` divided by the anchor's height

@@ -120,6 +120,33 @@ print(counts)
 plot_matching(image, anchors, labels, gt)
 
 # %% [markdown]
+# ### Exercise 1: label anchors
+#
+# Write `my_label_anchors(iou, high, low)`: from the `(M, A)` IoU matrix (gt boxes x anchors),
+# the label of every anchor: 1 if its best IoU is `>= high`, 0 if `< low`, -1 in between, and 1
+# for every anchor that reaches some gt box's own best IoU (the low-quality rule, ties
+# included). Why it matters: these labels are what the RPN learns; without the last rule the
+# small objects above would have no positive anchor at all.
+#
+# Exercises: write the function's body in place of `raise NotImplementedError` (between the
+# `### BEGIN SOLUTION` and `### END SOLUTION` markers) and run the cell; the `check` line tries it
+# on hidden cases against rpnlab and torchvision and says right, or the first wrong case and why.
+# Until then it says "not done yet" and the notebook runs on.
+
+# %%
+from rpnlab.lab.exercises import check
+
+
+def my_label_anchors(iou, high, low):
+    """iou (M, A), high, low: floats -> labels (A,) float: 1 positive, 0 negative, -1 ignored."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.label_anchors(my_label_anchors)
+
+# %% [markdown]
 # ## Explore: thresholds and the low-quality rule
 #
 # The explorer recomputes the labels with `label_anchors` and redraws with `plot_matching` (the
@@ -157,6 +184,24 @@ print(f"{counts['positive']} positives, {counts['negative']} negatives -> sample
 # %%
 plot_matching(image, anchors, sampled, gt, max_ignored=0,
                   names={"positive": "sampled positive", "negative": "sampled negative", "ignored": "not sampled"})
+
+# %% [markdown]
+# ### Exercise 2: a balanced sample
+#
+# Write `my_sample(labels, batch_size, positive_fraction)`: pick at random at most
+# `int(batch_size * positive_fraction)` positives, then negatives to fill the batch, as the
+# sampler above; return two boolean masks. Why it matters: an image has hundreds of easy
+# negatives for a handful of positives; the loss only sees this sample.
+
+# %%
+def my_sample(labels, batch_size, positive_fraction):
+    """labels (A,) 1/0/-1 -> (pos_mask, neg_mask), each bool (A,)."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.sample(my_sample)
 
 # %% [markdown]
 # ## Over the training set

@@ -154,6 +154,32 @@ for beta in (0.0, 1 / 9, 1.0):
 print("smooth_l1 equals torch.nn.functional.smooth_l1_loss for beta 0, 1/9 and 1: True")
 
 # %% [markdown]
+# ### Exercise 1: smooth L1
+#
+# Write `my_smooth_l1(input, target, beta)`: `0.5 * d**2 / beta` where `|d| < beta`, else
+# `|d| - 0.5 * beta`, with `d = input - target`, summed over all elements. Why it matters: this is
+# the RPN's (and the head's) box loss; its bounded gradient keeps a few badly matched anchors from
+# swamping the rest.
+#
+# Exercises: write the function's body in place of `raise NotImplementedError` (between the
+# `### BEGIN SOLUTION` and `### END SOLUTION` markers) and run the cell; the `check` line tries it
+# on hidden cases against rpnlab and torchvision and says right, or the first wrong case and why.
+# Until then it says "not done yet" and the notebook runs on.
+
+# %%
+from rpnlab.lab.exercises import check
+
+
+def my_smooth_l1(input, target, beta):
+    """input, target: same shape, beta > 0 -> the summed loss, a scalar."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.smooth_l1(my_smooth_l1)
+
+# %% [markdown]
 # ## The two loss normalisations
 #
 # Each image contributes a sampled mini-batch of 256 anchors (notebook 03). The paper's loss
@@ -185,6 +211,26 @@ box_weight_ratio = (lam / (2 * locations)) / (1 / num_sampled)
 print(f"{num_positive} positive among {num_sampled} sampled anchors (2 images, {locations} locations each): "
       f"the paper's box term weighs lambda / N_reg = {lam:g} / {2 * locations}, {box_weight_ratio:.1f}x torchvision's "
       f"1 / {num_sampled}")
+
+# %% [markdown]
+# ### Exercise 2: the RPN loss
+#
+# Write `my_rpn_loss(objectness, deltas, labels, targets)` with torchvision's normalisation
+# ("sampled" above): objectness = binary cross-entropy with logits averaged over the sampled
+# anchors (label 1 or 0); box = smooth L1 (`beta = 1/9`) over the positives, summed and divided
+# by the number of sampled anchors; label -1 takes no part. Why it matters: it is the loss the
+# RPN trains on below; which anchors count, and by what you divide, set the balance of the two
+# terms.
+
+# %%
+def my_rpn_loss(objectness, deltas, labels, targets):
+    """objectness (B, A) logits, deltas (B, A, 4), labels (B, A) 1/0/-1, targets (B, A, 4) -> (loss_objectness, loss_box)."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.rpn_loss(my_rpn_loss)
 
 # %% [markdown]
 # ## Check against torchvision

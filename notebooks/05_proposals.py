@@ -119,6 +119,32 @@ print(f"clipping changed {funnel['num_clipped']} of the {funnel['counts']['top-k
 plot_proposal_steps(image, funnel, target["boxes"])
 
 # %% [markdown]
+# ### Exercise 1: clip to the image
+#
+# Write `my_clip_boxes(boxes, image_size)`: move every coordinate into the image, `x` into
+# `[0, width]` and `y` into `[0, height]`, with `image_size = (height, width)`. Why it matters:
+# decoded boxes often reach past the border (step 3 above); unclipped, they score well and win
+# NMS over boxes that fit the object.
+#
+# Exercises: write the function's body in place of `raise NotImplementedError` (between the
+# `### BEGIN SOLUTION` and `### END SOLUTION` markers) and run the cell; the `check` line tries it
+# on hidden cases against rpnlab and torchvision and says right, or the first wrong case and why.
+# Until then it says "not done yet" and the notebook runs on.
+
+# %%
+from rpnlab.lab.exercises import check
+
+
+def my_clip_boxes(boxes, image_size):
+    """boxes (N, 4), image_size (height, width) -> (N, 4) inside the image."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.clip_boxes(my_clip_boxes)
+
+# %% [markdown]
 # ## Check against torchvision
 #
 # torchvision's RPN with the same settings filters the same predictions (its own decoding
@@ -153,6 +179,24 @@ nms_ms = {"rpnlab (plain PyTorch)": 1000 * time_call(lambda: nms(boxes, scores, 
           "torchvision.ops.nms": 1000 * time_call(lambda: torchvision.ops.nms(boxes, scores, nms_thresh))}
 for name, ms in nms_ms.items():
     print(f"{name:>22}: {ms:.2f} ms for {boxes.shape[0]} boxes")
+
+# %% [markdown]
+# ### Exercise 2: non-maximum suppression
+#
+# Write `my_nms(boxes, scores, iou_threshold)`: go through the boxes from the highest score
+# down; keep a box unless a box kept before it overlaps it with IoU `> iou_threshold`. Return the
+# kept indices in that order. Why it matters: without NMS the 2000 proposals would be a few
+# objects repeated hundreds of times; it is also the last step of every detector's output.
+
+# %%
+def my_nms(boxes, scores, iou_threshold):
+    """boxes (N, 4), scores (N,), iou_threshold: float -> keep (K,) int64, by decreasing score."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.nms(my_nms)
 
 # %% [markdown]
 # ## Explore: counts and threshold

@@ -104,6 +104,36 @@ plot_value_histograms(quantisation_iou, "IoU of a box with the region RoI Pool r
 
 
 # %% [markdown]
+# ### Exercise 1: one RoI Pool bin
+#
+# Write `my_roi_pool_bin(feature, roi, output_size, i, j)`: the value of bin `(i, j)` of RoI
+# Pool on a one-channel feature map, with the box already in feature cells. Round the corners
+# (halves away from zero: `math.floor(v + 0.5)`); the box spans cells `x1..x2` inclusive; bin `j`
+# covers columns `x1 + floor(j * w / out)` to `x1 + ceil((j + 1) * w / out)` (end excluded), rows
+# likewise; clip to the map; the bin's maximum, or 0 if it is empty. Why it matters: this rounding
+# is exactly the misalignment measured above, and what RoI Align removes.
+#
+# Exercises: write the function's body in place of `raise NotImplementedError` (between the
+# `### BEGIN SOLUTION` and `### END SOLUTION` markers) and run the cell; the `check` line tries it
+# on hidden cases against rpnlab and torchvision and says right, or the first wrong case and why.
+# Until then it says "not done yet" and the notebook runs on.
+
+# %%
+import math
+
+from rpnlab.lab.exercises import check
+
+
+def my_roi_pool_bin(feature, roi, output_size, i, j):
+    """feature (H, W), roi (4,) x1, y1, x2, y2 in cells, output_size: int, i, j: bin row and column -> a scalar tensor."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.roi_pool_bin(my_roi_pool_bin)
+
+# %% [markdown]
 # ## Three ways to pool one box
 #
 # Pool the image itself, so that the outputs can be looked at: first at full resolution
@@ -125,6 +155,24 @@ plot_pooled_rois(image, box, pool_three_ways(image[None], 1.0), title="pooling t
 coarse = F.avg_pool2d(image[None], stride)  # (1, 3, H / stride, W / stride)
 plot_pooled_rois(coarse[0], box / stride, pool_three_ways(coarse, 1 / stride),
                      title=f"pooling a {coarse.shape[-2]} x {coarse.shape[-1]} map: the image at stride {stride}")
+
+# %% [markdown]
+# ### Exercise 2: a bilinear read
+#
+# Write `my_bilinear(feature, y, x)`: the value at a point between cells (cell `(r, c)` holds
+# the value at `y = r, x = c`), blending the four surrounding cells by their distances; on the
+# last row or column there is no neighbour beyond, read the border cell. Why it matters: this is
+# RoI Align's only operation: each bin averages a few such reads, so no coordinate is rounded.
+
+# %%
+def my_bilinear(feature, y, x):
+    """feature (H, W), y, x: floats in [0, H - 1] and [0, W - 1] -> a scalar tensor."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.bilinear(my_bilinear)
 
 # %% [markdown]
 # ## Check against torchvision, and timing

@@ -138,6 +138,35 @@ torch.testing.assert_close(by_weights["weights (10.0, 10.0, 5.0, 5.0)"],
 plot_regression_targets(by_weights)
 
 # %% [markdown]
+# ### Exercise 1: proposal targets
+#
+# Write `my_proposal_labels(proposals, gt_boxes, gt_labels, fg_thresh, bg_high, bg_low)`: each
+# proposal's best IoU over the gt boxes makes it foreground (`>= fg_thresh`: the class of that
+# box), background (`[bg_low, bg_high)`: 0) or ignored (-1). `bg_low = 0.1` is the Fast R-CNN
+# paper's lower background threshold (torchvision uses 0). Why it matters: these labels are what
+# the head learns to classify; with `bg_low > 0` its background examples are ones near objects.
+#
+# Exercises: write the function's body in place of `raise NotImplementedError` (between the
+# `### BEGIN SOLUTION` and `### END SOLUTION` markers) and run the cell; the `check` line tries it
+# on hidden cases against rpnlab and torchvision and says right, or the first wrong case and why.
+# Until then it says "not done yet" and the notebook runs on.
+
+# %%
+import torch.nn.functional as F
+
+from rpnlab.lab.exercises import check
+
+
+def my_proposal_labels(proposals, gt_boxes, gt_labels, fg_thresh, bg_high, bg_low):
+    """proposals (P, 4), gt_boxes (M, 4), gt_labels (M,) int64 -> labels (P,) int64."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.proposal_labels(my_proposal_labels)
+
+# %% [markdown]
 # ## The head and its shapes
 #
 # `RoIPooler` (RoI Align, 7 x 7) then `FastRCNNHead`: flatten, fc6, fc7 (a few hundred wide
@@ -175,6 +204,25 @@ tv_classifier, tv_box_reg = fastrcnn_loss(class_logits, box_regression, sampled.
 torch.testing.assert_close(loss_classifier, tv_classifier)
 torch.testing.assert_close(loss_box_reg, tv_box_reg)
 print("losses match torchvision's fastrcnn_loss: True")
+
+# %% [markdown]
+# ### Exercise 2: the Fast R-CNN loss
+#
+# Write `my_fast_rcnn_loss(class_logits, box_regression, labels, targets)`: cross-entropy over
+# the `C + 1` classes (mean over RoIs), and smooth L1 (`beta = 1/9`) between each foreground
+# RoI's offsets *for its own class* (`box_regression` holds 4 per class) and its targets, summed
+# and divided by the number of RoIs. Why it matters: it is the loss trained below; regressing
+# with another class's 4 numbers is a silent bug.
+
+# %%
+def my_fast_rcnn_loss(class_logits, box_regression, labels, targets):
+    """class_logits (R, C+1), box_regression (R, 4(C+1)), labels (R,) int64 in 0..C, targets (R, 4) -> (loss_classifier, loss_box)."""
+    ### BEGIN SOLUTION
+    raise NotImplementedError
+    ### END SOLUTION
+
+
+check.fast_rcnn_loss(my_fast_rcnn_loss)
 
 # %% [markdown]
 # ## Training the head
