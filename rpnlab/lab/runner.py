@@ -9,17 +9,14 @@
         summary.csv, summary.md notebook, status, seconds, key figures
 
 ``sweep`` executes one notebook at every point of a cartesian grid and collects one tidy table
-(parameters, record values, status, seconds) and a plot of each numeric record value against
-the first swept parameter.
+(parameters, record values, status, seconds) and a plot; it lives in :mod:`rpnlab.lab.sweeps`
+(executors, shards, resume, seed statistics).
 
 Parameters are injected only where the notebook declares them in its ``parameters`` cell
 (``papermill.inspect_notebook``); others are skipped with a ``ParameterWarning``, so one
 parameter dict can drive a whole collection. A notebook that raises is reported (name, cell,
 error) and the run goes on; ``ok`` is False if any failed. Notebooks run with their own folder
 as working directory and the ``python3`` kernel.
-
-Longer than 500 lines because running one notebook, the collection and a sweep share parameter
-handling, records and summaries.
 """
 
 from __future__ import annotations
@@ -29,14 +26,12 @@ import csv
 import datetime as _dt
 import itertools
 import json
-import math
 import os
 import re
 import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +50,6 @@ __all__ = [
     "resolve_notebook",
     "run_collection",
     "select_parameters",
-    "sweep",
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +90,10 @@ class SweepResult:
     rows: list[dict[str, Any]]
     ok: bool
     out_dir: Path = field(default=None)  # type: ignore[assignment]
+    failed: int = 0  # points that failed (or, after ``collect``, that no shard finished)
+    ran: int = 0  # points executed by this call (the others were already stored)
+    aggregate_path: Path | None = None  # sweep_aggregate.csv, with ``aggregate=``
+    plotted: list[str] = field(default_factory=list)  # the metrics drawn (those that vary)
 
 
 # --------------------------------------------------------------------------- finding notebooks
@@ -425,118 +423,3 @@ def _grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     names = list(grid)
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _plot_sweep(rows: Sequence[Mapping[str, Any]], swept: Sequence[str], metrics: Sequence[str], path: Path) -> Path | None:
-    """One panel per numeric metric against the first swept parameter; a line per other combination."""
-    from matplotlib.figure import Figure
-
-    if not metrics or not swept:
-        return None
-    x_name, others = swept[0], list(swept[1:])
-    ok_rows = [r for r in rows if r["status"] == "ok"]
-    cols = min(3, len(metrics))
-    nrows = math.ceil(len(metrics) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-    numeric_x = all(_is_number(r[x_name]) for r in ok_rows)
-    for ax, metric in zip(axes, metrics):
-        groups: dict[tuple, list] = {}
-        for r in ok_rows:
-            if _is_number(r.get(metric)):
-                groups.setdefault(tuple(r[o] for o in others), []).append(r)
-        for key, group in groups.items():
-            xs = [r[x_name] if numeric_x else str(r[x_name]) for r in group]
-            ys = [r[metric] for r in group]
-            if numeric_x:
-                order = sorted(range(len(xs)), key=lambda i: xs[i])
-                xs, ys = [xs[i] for i in order], [ys[i] for i in order]
-            label = ", ".join(f"{o}={v}" for o, v in zip(others, key)) or None
-            ax.plot(xs, ys, marker="o", label=label)
-        ax.set_title(metric)
-        ax.set_xlabel(x_name)
-        ax.set_ylabel(metric)
-        if others and groups:
-            ax.legend(fontsize="small")
-    for ax in axes[len(metrics):]:
-        ax.set_visible(False)
-    fig.suptitle(f"sweep over {', '.join(swept)}")
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def sweep(
-    notebook: str | os.PathLike,
-    grid: Mapping[str, Sequence[Any]],
-    out_dir: str | os.PathLike | None = None,
-    parallel: int = 1,
-    base_parameters: Mapping[str, Any] | None = None,
-    smoke: bool = False,
-    kernel_name: str = "python3",
-    cell_timeout: float | None = None,
-    progress: bool = True,
-) -> SweepResult:
-    """Execute ``notebook`` once per point of the cartesian ``grid`` and tabulate the records.
-
-    Args:
-        notebook: a path, stem or number (``"01"``).
-        grid: parameter name -> values, e.g. ``{"anchor_stride": [8, 16]}``.
-        out_dir: default ``runs/sweep-<stem>-<timestamp>``.
-        parallel: how many notebooks run at once (threads; each kernel is its own process).
-        base_parameters: injected at every point (the grid wins on a clash).
-        smoke: set the notebook's ``smoke`` parameter.
-    Returns:
-        ``SweepResult(table_path, plot_path, rows, ok)``: ``sweep.csv`` has one row per point,
-        columns = swept parameters, flattened record values, ``status``, ``seconds``, ``error``;
-        ``sweep.png`` plots each numeric record value against the first swept parameter.
-    """
-    from tqdm.auto import tqdm
-
-    path = resolve_notebook(notebook)
-    points = _grid_points(grid)
-    if not isinstance(parallel, int) or parallel < 1:
-        raise ValueError(f"parallel must be a positive int, got {parallel!r}")
-    declared = notebook_parameters(path)
-    # Warn once here, not once per point: an undeclared grid parameter leaves every point alike.
-    select_parameters(path, {**dict(base_parameters or {}), **points[0]}, smoke, declared)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = _fresh_run_dir(out_dir if out_dir is not None else Path("runs") / f"sweep-{path.stem}-{stamp}")
-
-    def run_point(index_point: tuple[int, dict[str, Any]]) -> dict[str, Any]:
-        index, point = index_point
-        name = f"{index:03d}_{_point_name(point)}"
-        params = {**dict(base_parameters or {}), **point}
-        row = execute_one(path, run_dir / "notebooks" / f"{name}.ipynb", params, smoke=smoke,
-                          record_path=run_dir / "records" / f"{name}.json",
-                          kernel_name=kernel_name, cell_timeout=cell_timeout, warn_unknown=False)
-        return {"point": point, **row}
-
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = list(tqdm(pool.map(run_point, enumerate(points)), total=len(points),
-                            desc=f"sweep {path.stem}", disable=not progress, file=sys.stderr))
-
-    rows, metrics = [], []
-    for r in results:
-        flat = _flatten(r["record"])
-        for key in flat:
-            if key not in metrics and key not in r["point"]:
-                metrics.append(key)
-        error = _describe_failure(r) if r["status"] != "ok" else ""
-        if error:
-            _log(error)
-        rows.append({**r["point"], **{k: v for k, v in flat.items() if k not in r["point"]},
-                     "status": r["status"], "seconds": r["seconds"], "error": error})
-    columns = list(grid) + metrics + ["status", "seconds", "error"]
-    table_path = run_dir / "sweep.csv"
-    with table_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: _cell(row.get(c)) for c in columns})
-    numeric = [m for m in metrics if any(_is_number(r.get(m)) for r in rows)]
-    plot_path = _plot_sweep(rows, list(grid), numeric, run_dir / "sweep.png")
-    return SweepResult(table_path=table_path, plot_path=plot_path, rows=rows,
-                       ok=all(r["status"] == "ok" for r in rows), out_dir=run_dir)
