@@ -410,6 +410,10 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
                         "it parses, else as a string); repeatable")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, as CI runs them")
     p.add_argument("--out", metavar="DIR", default=None, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="local worker processes at once (1: in order); only for notebooks that do not need "
+                        "each other's outputs")
+    _add_executor_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sweep", help="execute one notebook over a parameter grid and tabulate its records",
@@ -626,9 +630,20 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.lab import runner
 
     parameters = {name: parse_value(value) for name, value in args.parameter}
+    _check_executor_arguments(args, parser)
     result = runner.run_collection(notebooks=args.notebooks or None, parameters=parameters or None,
-                                   out_dir=args.out, smoke=args.smoke, progress=not args.no_progress)
-    return 0 if result.ok else 1
+                                   out_dir=args.out, smoke=args.smoke, progress=not args.no_progress,
+                                   executor=args.executor, scheduler=args.scheduler, parallel=args.parallel)
+    return _exit_status(sum(r["status"] != "ok" for r in result.rows), len(result.rows), "notebooks")
+
+
+def _check_executor_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.executor == "dask" and not args.scheduler:
+        parser.error("--executor dask needs --scheduler tcp://HOST:PORT (the Dask scheduler's address)")
+    if args.executor != "dask" and args.scheduler:
+        parser.error("--scheduler is for --executor dask")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be at least 1, got {args.parallel}")
 
 
 def _exit_status(failed: int, total: int, what: str) -> int:
@@ -652,10 +667,7 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             grid[name] = values
     if not grid:
         parser.error("sweep needs at least one -p NAME VALUE VALUE ... with two or more values to sweep over")
-    if args.executor == "dask" and not args.scheduler:
-        parser.error("--executor dask needs --scheduler tcp://HOST:PORT (the Dask scheduler's address)")
-    if args.executor != "dask" and args.scheduler:
-        parser.error("--scheduler is for --executor dask")
+    _check_executor_arguments(args, parser)
     if args.aggregate is not None and args.aggregate not in grid:
         parser.error(f"--aggregate {args.aggregate}: not a swept parameter (swept: {', '.join(grid)}); "
                      f"give it two or more values, e.g. -p {args.aggregate} 0 1 2")
@@ -663,8 +675,6 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         shard = sweeps.parse_shard(args.shard)
     except ValueError as exc:
         parser.error(f"--shard: {exc}")
-    if args.parallel < 1:
-        parser.error(f"--parallel must be at least 1, got {args.parallel}")
     result = sweeps.sweep(args.notebook, grid, out_dir=args.out, parallel=args.parallel,
                           base_parameters=base or None, smoke=args.smoke, progress=not args.no_progress,
                           executor=args.executor, scheduler=args.scheduler, shard=shard, force=args.force,

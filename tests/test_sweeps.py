@@ -17,7 +17,7 @@ import nbformat
 import pytest
 
 from rpnlab import cli
-from rpnlab.lab import executors, sweeps
+from rpnlab.lab import executors, runner, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = (
@@ -153,6 +153,9 @@ def test_dask_executor_gives_the_local_records(local_sweep, tmp_path):
         code = cli.main(["sweep", str(nb), "-p", "x", "1", "2", "-p", "seed", "0", "1", "--smoke",
                          "--executor", "dask", "--scheduler", cluster.scheduler_address,
                          "--out", str(tmp_path / "dask"), "--no-progress", "--aggregate", "seed"])
+        run = runner.run_collection([nb], parameters={"x": 4}, out_dir=tmp_path / "run", smoke=True,
+                                    progress=False, executor="dask", scheduler=cluster.scheduler_address)
+    assert run.ok and run.rows[0]["record"]["y"] == 40 and (tmp_path / "run" / "sw.ipynb").is_file()
     assert code == 0
     assert read_csv(tmp_path / "dask" / "sweep.csv", drop=("seconds", "fit_ms", "threads")) == \
         read_csv(local.table_path, drop=("seconds", "fit_ms", "threads"))

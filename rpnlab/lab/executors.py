@@ -4,7 +4,7 @@ A *point* is one execution of a notebook with one parameter set. It is described
 task dict (``notebook``, ``notebook_sha``, ``parameters``, ``smoke``, ``kernel_name``,
 ``cell_timeout``, ``key``, ``index``, ``point``; ``notebook_text`` for remote workers) and run by
 :func:`run_point`, which executes it in a fresh worker process (``python -m
-rpnlab.lab.executors``) inside a scratch folder and returns ``{"row": ..., "notebook": text}``. The
+rpnlab.lab.point_worker``) inside a scratch folder and returns ``{"row": ..., "notebook": text}``. The
 caller stores the result; nothing of a point reaches the sweep folder before it has finished, so
 an interrupted point leaves no partial result behind.
 
@@ -165,7 +165,7 @@ def run_point(task: Mapping[str, Any], env: Mapping[str, str] | None = None,
         for attempt in range(1, attempts + 1):
             for name in ("result.json", "notebook.ipynb", "record.json"):
                 (work / name).unlink(missing_ok=True)
-            proc = subprocess.run([sys.executable, "-m", "rpnlab.lab.executors", str(spec), str(work)],
+            proc = subprocess.run([sys.executable, "-m", "rpnlab.lab.point_worker", str(spec), str(work)],
                                   env=_worker_env(env), capture_output=True, text=True, check=False)
             if result.is_file():
                 row = json.loads(result.read_text(encoding="utf-8"))
@@ -198,21 +198,6 @@ def _failed_row(task: Mapping[str, Any], error_name: str, error: str, attempts: 
             "parameters": dict(task["parameters"]), "record": {}, "cell_index": None,
             "error_name": error_name, "error": f"{error_name}: {error}", "attempts": attempts,
             "host": socket.gethostname()}
-
-
-def _worker_main(spec_path: str, work_dir: str) -> int:
-    """The worker process: execute the task's notebook into ``work_dir`` and write result.json last."""
-    from rpnlab.lab.runner import execute_one
-
-    task = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    work = Path(work_dir)
-    row = execute_one(task["notebook"], work / "notebook.ipynb", task["parameters"], smoke=task["smoke"],
-                      record_path=work / "record.json", kernel_name=task.get("kernel_name", "python3"),
-                      cell_timeout=task.get("cell_timeout"), warn_unknown=False)
-    row.pop("output", None)
-    row.pop("figures", None)
-    _write_json(work / "result.json", row)
-    return 0
 
 
 # --------------------------------------------------------------------------- executors
@@ -303,7 +288,3 @@ class DaskExecutor:
                 future.cancel()
             if self._own:
                 self.client.close()
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(*sys.argv[1:3]))

@@ -363,8 +363,11 @@ def run_collection(
     progress: bool = True,
     kernel_name: str = "python3",
     cell_timeout: float | None = None,
+    executor: str = "local",
+    scheduler: Any = None,
+    parallel: int = 1,
 ) -> RunResult:
-    """Execute notebooks in order into one run folder and write ``summary.csv`` / ``summary.md``.
+    """Execute notebooks into one run folder and write ``summary.csv`` / ``summary.md``.
 
     Args:
         notebooks: paths, stems or numbers (``"01"``); default every ``notebooks/NN_*.ipynb``.
@@ -375,35 +378,63 @@ def run_collection(
         progress: a tqdm bar over the notebooks.
         kernel_name: the Jupyter kernel to run them with.
         cell_timeout: seconds a single cell may run (None: no limit).
+        executor: ``"local"``: worker processes on this machine, ``parallel`` at once, each pinned
+            to a device (with 1, the notebooks run one after another, in order); ``"dask"``: each
+            notebook a task on the Dask cluster at ``scheduler`` (they may then run at once:
+            use it for notebooks that do not need each other's outputs).
     Returns:
-        ``RunResult(out_dir, rows, ok)``; one row per notebook (see :func:`execute_one`).
+        ``RunResult(out_dir, rows, ok)``; one row per notebook, in order (see :func:`execute_one`;
+        plus ``attempts`` and ``host``).
     """
     from tqdm.auto import tqdm
+
+    from rpnlab.lab.executors import DaskExecutor, LocalExecutor, notebook_hash
 
     paths = [resolve_notebook(n) for n in notebooks] if notebooks is not None else list_notebooks()
     if not paths:
         raise FileNotFoundError(f"no notebooks to run (looked in {notebooks_dir()})")
+    if executor == "local":
+        pool: Any = LocalExecutor(parallel)
+    elif executor == "dask":
+        if scheduler is None:
+            raise ValueError("executor='dask' needs scheduler: the cluster's address, e.g. tcp://HOST:8786")
+        pool = None
+    else:
+        raise ValueError(f"executor must be 'local' or 'dask', got {executor!r}")
+    tasks = []
+    for index, path in enumerate(paths):
+        select_parameters(path, parameters, smoke, warn=True)  # warn here, in order, once per notebook
+        tasks.append({"notebook": str(path), "notebook_sha": notebook_hash(path),
+                      "parameters": dict(parameters or {}), "smoke": bool(smoke), "kernel_name": kernel_name,
+                      "cell_timeout": cell_timeout, "key": f"{index:02d}-{path.stem}", "index": index,
+                      "point": {}})
     run_dir = _fresh_run_dir(out_dir)
-    rows = []
-    bar = tqdm(paths, desc="notebooks", unit="nb", disable=not progress, file=sys.stderr)
-    for path in bar:
-        bar.set_postfix_str(path.stem)
-        row = execute_one(
-            path,
-            run_dir / path.name,
-            parameters=parameters,
-            smoke=smoke,
-            record_path=run_dir / f"{path.stem}.json",
-            figures_dir=run_dir / "figures",
-            kernel_name=kernel_name,
-            cell_timeout=cell_timeout,
-        )
+    rows: dict[int, dict[str, Any]] = {}
+    bar = tqdm(total=len(paths), desc="notebooks", unit="nb", disable=not progress, file=sys.stderr)
+
+    def on_done(task: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
+        stem = Path(task["notebook"]).stem
+        row = dict(payload["row"])
+        output = run_dir / f"{stem}.ipynb"
+        if payload.get("notebook"):
+            output.write_text(payload["notebook"], encoding="utf-8")
+        if row.get("record"):
+            (run_dir / f"{stem}.json").write_text(json.dumps(row["record"], indent=2) + "\n", encoding="utf-8")
+        row["output"] = str(output)
+        row["figures"] = [str(p) for p in _save_figures(output, run_dir / "figures", stem)]
         if row["status"] != "ok":
             _log(_describe_failure(row))
-        rows.append(row)
-    bar.close()
-    _write_summary(run_dir, rows)
-    return RunResult(out_dir=run_dir, rows=rows, ok=all(r["status"] == "ok" for r in rows))
+        rows[task["index"]] = row
+        bar.set_postfix_str(stem)
+        bar.update(1)
+
+    try:
+        (pool or DaskExecutor(scheduler)).run(tasks, on_done)
+    finally:
+        bar.close()
+    ordered = [rows[i] for i in sorted(rows)]
+    _write_summary(run_dir, ordered)
+    return RunResult(out_dir=run_dir, rows=ordered, ok=all(r["status"] == "ok" for r in ordered))
 
 
 # --------------------------------------------------------------------------- sweeps
