@@ -3,12 +3,12 @@
 A *point* is one execution of a notebook with one parameter set. It is described by a JSON-able
 task dict (``notebook``, ``notebook_sha``, ``parameters``, ``smoke``, ``kernel_name``,
 ``cell_timeout``, ``key``, ``index``, ``point``; ``notebook_text`` for remote workers) and run by
-:func:`run_point`, which executes it in a fresh worker process (``python -m
-rpnlab.lab.point_worker``) inside a scratch folder and returns ``{"row": ..., "notebook": text}``. The
-caller stores the result; nothing of a point reaches the sweep folder before it has finished, so
+:func:`run_point`, which executes it in a worker process (``python -m rpnlab.lab.point_worker
+--serve``, kept by the calling thread for its next point, so papermill is imported once) inside a
+scratch folder and returns ``{"row": ..., "notebook": text}``. The caller stores the result; nothing of a point reaches the sweep folder before it has finished, so
 an interrupted point leaves no partial result behind.
 
-A worker process that dies mid-point (killed, out of memory) is retried once; a second loss is
+A point whose worker process dies (killed, out of memory) is retried once in a fresh one; a second loss is
 recorded as a failed point (``error_name="WorkerLost"``). A failing notebook is a failed row,
 not an exception: the other points go on.
 
@@ -46,6 +46,8 @@ from typing import Any
 __all__ = [
     "DaskExecutor",
     "LocalExecutor",
+    "WorkerProcess",
+    "close_thread_workers",
     "notebook_hash",
     "point_resources",
     "run_point",
@@ -145,13 +147,94 @@ def _notebook_for(task: Mapping[str, Any], work: Path) -> Path:
     return copy
 
 
+class WorkerProcess:
+    """A long-lived point worker (``python -m rpnlab.lab.point_worker --serve``) with one device's
+    environment: it imports papermill once and then executes points one after another.
+
+    ``run(spec, work)`` is True when the point finished (``work/result.json`` written) and False
+    when the process was lost mid-point; the next ``run`` starts a fresh process.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def _start(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        self._log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115  closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "rpnlab.lab.point_worker", "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                     env=_worker_env(self.env), text=True, bufsize=1)
+
+    def run(self, spec: Path, work: Path) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        done = f"{DONE} {work}"
+        try:
+            self.proc.stdin.write(f"{spec}\t{work}\n")
+            self.proc.stdin.flush()
+            for line in self.proc.stdout:  # ends (EOF) when the worker dies
+                if line.strip() == done:
+                    return (work / "result.json").is_file()
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.kill()
+        self.proc.wait()
+        return False
+
+    def last_error(self) -> str:
+        """The worker's exit status and the last line it wrote to stderr (after a loss)."""
+        tail = ""
+        if self._log is not None:
+            self._log.seek(0)
+            lines = [ln for ln in self._log.read().splitlines() if ln.strip()]
+            tail = lines[-1][:200] if lines else ""
+        code = self.proc.returncode if self.proc is not None else None
+        return f"exit status {code}{': ' + tail if tail else ''}"
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()  # the serve loop ends at end of input
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+        self.proc = self._log = None
+
+
+DONE = "rpnlab-point-done"
+_threads = threading.local()
+
+
+def _thread_worker(env: Mapping[str, str] | None) -> WorkerProcess:
+    """This thread's worker process for ``env`` (a Dask worker thread or a local slot keeps one)."""
+    workers = _threads.__dict__.setdefault("workers", {})
+    key = tuple(sorted(dict(env or {}).items()))
+    if key not in workers:
+        workers[key] = WorkerProcess(env)
+    return workers[key]
+
+
+def close_thread_workers() -> None:
+    """Stop the worker processes this thread started."""
+    for worker in _threads.__dict__.pop("workers", {}).values():
+        worker.close()
+
+
 def run_point(task: Mapping[str, Any], env: Mapping[str, str] | None = None,
-              attempts: int = 2) -> dict[str, Any]:
-    """Execute one point in a fresh worker process; retry once when that process is lost.
+              attempts: int = 2, worker: WorkerProcess | None = None) -> dict[str, Any]:
+    """Execute one point in a worker process (this thread's, kept for the next point, unless
+    ``worker`` is given); retry once in a fresh process when the worker is lost.
 
     Returns ``{"row": execute_one's row + attempts/host, "notebook": executed notebook text}``.
     Never raises for a failing notebook or a lost worker: the row says ``status="failed"``.
     """
+    worker = worker if worker is not None else _thread_worker(env)
     work = Path(tempfile.mkdtemp(prefix="rpnlab-point-"))
     try:
         try:
@@ -160,18 +243,14 @@ def run_point(task: Mapping[str, Any], env: Mapping[str, str] | None = None,
             return {"row": _failed_row(task, "FileNotFoundError", str(exc), 0), "notebook": ""}
         spec = work / "task.json"
         _write_json(spec, {k: v for k, v in task.items() if k != "notebook_text"} | {"notebook": str(notebook)})
-        result = work / "result.json"
         losses = []
         for attempt in range(1, attempts + 1):
             for name in ("result.json", "notebook.ipynb", "record.json"):
                 (work / name).unlink(missing_ok=True)
-            proc = subprocess.run([sys.executable, "-m", "rpnlab.lab.point_worker", str(spec), str(work)],
-                                  env=_worker_env(env), capture_output=True, text=True, check=False)
-            if result.is_file():
-                row = json.loads(result.read_text(encoding="utf-8"))
+            if worker.run(spec, work):
+                row = json.loads((work / "result.json").read_text(encoding="utf-8"))
                 break
-            tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
-            losses.append(f"exit status {proc.returncode}{': ' + tail if tail else ''}")
+            losses.append(worker.last_error())
         else:
             row = _failed_row(task, "WorkerLost", f"worker process lost {attempts} times ({'; '.join(losses)})",
                               attempts)
@@ -221,15 +300,18 @@ class LocalExecutor:
         stop = threading.Event()
 
         def slot(env: Mapping[str, str]) -> None:
-            while not stop.is_set():
-                try:
-                    task = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    done.put((task, run_point(task, env)))
-                except BaseException as exc:  # noqa: BLE001  hand it to the main thread
-                    done.put((task, exc))
+            try:
+                while not stop.is_set():
+                    try:
+                        task = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        done.put((task, run_point(task, env)))
+                    except BaseException as exc:  # noqa: BLE001  hand it to the main thread
+                        done.put((task, exc))
+            finally:
+                close_thread_workers()
 
         threads = [threading.Thread(target=slot, args=(env,), daemon=True)
                    for env in self.envs[:max(1, len(tasks))]]
