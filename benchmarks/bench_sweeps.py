@@ -1,12 +1,13 @@
 """Overhead per sweep point: in-process papermill vs the local executor vs a Dask cluster.
 
-A trivial notebook (one record) is executed ``--repeats`` times each way, one point at a time and
-interleaved (in-process, local, dask, in-process, ...), so that load on a shared machine hits the
-three alike. The overhead of an executor is its median seconds per point minus the in-process
-median (papermill + kernel start are common to all three). The Dask cluster is a
+A trivial notebook (one record) is swept over ``--points`` points each way, one point at a time,
+in ``--rounds`` interleaved rounds (in-process, local, dask, in-process, ...), so that load on a
+shared machine hits the three alike. The overhead of an executor is its median seconds per point
+minus the in-process median (papermill + kernel start are common to all three); a local sweep
+includes starting its worker process once. The Dask cluster is a
 ``LocalCluster(processes=True)`` on loopback: scheduling and serialisation, not a network.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_sweeps.py --repeats 5
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_sweeps.py --points 4 --rounds 3
 """
 
 from __future__ import annotations
@@ -38,36 +39,40 @@ def _notebook(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="points per way")
+    parser.add_argument("--points", type=int, default=4, help="points per sweep")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (in-process, local, dask) sweeps")
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
+    times: dict[str, list[float]] = {"in-process": [], "local": [], "dask": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         nb = _notebook(folder)
         sha = notebook_hash(nb)
-        times: dict[str, list[float]] = {"in-process": [], "local": [], "dask": []}
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            local, dask = LocalExecutor(1), DaskExecutor(client)
-            for i in range(args.repeats):
-                task = {"notebook": str(nb), "notebook_sha": sha, "parameters": {"x": i}, "smoke": False,
-                        "kernel_name": "python3", "cell_timeout": None, "key": f"k{i}", "index": i, "point": {}}
+            dask = DaskExecutor(client)
+            for r in range(args.rounds):
+                tasks = [{"notebook": str(nb), "notebook_sha": sha, "parameters": {"x": i}, "smoke": False,
+                          "kernel_name": "python3", "cell_timeout": None, "key": f"r{r}p{i}", "index": i,
+                          "point": {}} for i in range(args.points)]
                 start = time.perf_counter()
-                row = runner.execute_one(nb, folder / f"ip{i}.ipynb", {"x": i}, record_path=folder / f"ip{i}.json")
-                times["in-process"].append(time.perf_counter() - start)
-                assert row["status"] == "ok", row
-                for name, pool in (("local", local), ("dask", dask)):
+                for i in range(args.points):
+                    row = runner.execute_one(nb, folder / f"ip{i}.ipynb", {"x": i}, record_path=folder / f"{i}.json")
+                    assert row["status"] == "ok", row
+                times["in-process"].append((time.perf_counter() - start) / args.points)
+                for name, pool in (("local", LocalExecutor(1)), ("dask", dask)):
                     got = []
                     start = time.perf_counter()
-                    pool.run([{**task, "key": f"{name}{i}"}], lambda t, p: got.append(p))  # noqa: B023
-                    times[name].append(time.perf_counter() - start)
-                    assert got[0]["row"]["status"] == "ok", got
+                    pool.run([{**t, "key": f"{name}-{t['key']}"} for t in tasks], lambda t, p: got.append(p))  # noqa: B023
+                    times[name].append((time.perf_counter() - start) / args.points)
+                    assert all(p["row"]["status"] == "ok" for p in got), got
     base = statistics.median(times["in-process"])
-    print(f"{'way':<11} {'median s/point':>15} {'overhead s':>11}  (n={args.repeats} each, interleaved)")
+    print(f"{'way':<11} {'median s/point':>15} {'overhead s':>11}  "
+          f"({args.rounds} interleaved rounds of {args.points}-point sweeps, one point at a time)")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<11} {med:15.2f} {med - base:11.2f}")
+        print(f"{name:<11} {med:15.2f} {med - base:11.2f}   rounds: {', '.join(f'{t:.2f}' for t in ts)}")
 
 
 if __name__ == "__main__":

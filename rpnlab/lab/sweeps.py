@@ -210,15 +210,17 @@ def _plot(rows: Sequence[Mapping[str, Any]], swept: Sequence[str], metrics: Sequ
                 ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
             else:
                 ax.plot(xs, ys, marker="o", label=label)
-        ax.set_title(metric + (f" (mean, 95% interval over {over})" if aggregated is not None else ""),
-                     fontsize="medium")
+        ax.set_title(metric, fontsize="medium")
         ax.set_xlabel(x_name or "")
         ax.set_ylabel(metric)
         if others and groups:
             ax.legend(fontsize="small")
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
-    fig.suptitle(f"sweep over {', '.join(swept)}")
+    title = f"sweep over {', '.join(swept)}"
+    if aggregated is not None:
+        title += f"\nmean and 95% interval over {over}"
+    fig.suptitle(title)
     fig.savefig(path, dpi=100)
     return path
 
