@@ -193,7 +193,8 @@ def test_interrupted_sweep_resumes_with_the_missing_points_only(tmp_path):
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "rpnlab", "sweep", str(nb), "-p", "x", "1", "2", "3", "4", "--smoke",
            "--out", str(out), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (tmp_path / "scratch").mkdir()  # the killed point's scratch folder stays in here
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "scratch")}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
