@@ -7,6 +7,9 @@
     rpnlab predict img1.png img2.png --checkpoint runs/shapes/checkpoint.pt --out predictions/
     rpnlab run --smoke --out runs/smoke -p device cpu
     rpnlab sweep 03 -p anchor_stride 8 16 --parallel 2
+    rpnlab sweep 02 -p seed 0 1 2 -p num_pairs 1000 5000 --aggregate seed --out runs/sw
+    rpnlab sweep 02 -p seed 0 1 2 --executor dask --scheduler tcp://head:8786 --out runs/sw
+    rpnlab sweep 02 -p seed 0 1 2 --shard 1/3 --out runs/sw; rpnlab sweep collect runs/sw
 
 Every field of the config dataclasses (``rpnlab.config``) is an option of ``train`` (and the data
 fields of ``evaluate``): ``--<field>`` for the data, training and top-level model fields
@@ -407,19 +410,43 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
                         "it parses, else as a string); repeatable")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, as CI runs them")
     p.add_argument("--out", metavar="DIR", default=None, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="local worker processes at once (1: in order); only for notebooks that do not need "
+                        "each other's outputs")
+    _add_executor_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sweep", help="execute one notebook over a parameter grid and tabulate its records",
-                       formatter_class=_Formatter)
+                       formatter_class=_Formatter,
+                       epilog="Rerun with the same --out to resume: finished points are kept. "
+                              "'rpnlab sweep collect DIR [DIR ...]' merges shards (see its --help). "
+                              "Exit status: the number of failed points (0: all ran).")
     p.add_argument("notebook", metavar="NOTEBOOK", help="the notebook (path, stem or number such as 03)")
     p.add_argument("-p", "--parameter", nargs="+", action="append", metavar=("NAME", "VALUE"), default=[],
                    help="sweep NAME over the VALUEs (each read as JSON when it parses); repeat for a "
                         "cartesian grid; a single VALUE fixes the parameter")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, as CI runs them")
     p.add_argument("--out", metavar="DIR", default=None, help="sweep folder (default runs/sweep-<stem>-<timestamp>)")
-    p.add_argument("--parallel", type=int, default=1, help="notebooks executed at once")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="local worker processes (each pinned to a GPU, round-robin, or a share of the CPU threads)")
+    _add_executor_arguments(p)
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="run only the I-th of N deterministic slices of the grid (SLURM arrays, Indexed Jobs); "
+                        "merge with 'rpnlab sweep collect DIR'")
+    p.add_argument("--force", action="store_true", help="rerun points whose results are already stored in --out")
+    p.add_argument("--aggregate", metavar="NAME", default=None,
+                   help="average over this swept parameter (e.g. seed): sweep_aggregate.csv with mean, std, "
+                        "95%% interval and n per setting; the plot shows the intervals")
+    p.add_argument("--plot-timings", action="store_true", help="also plot metrics that are durations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local: worker processes on this machine; dask: tasks on the Dask cluster at --scheduler")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
+                   help="the Dask scheduler's address (with --executor dask)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,13 +630,31 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.lab import runner
 
     parameters = {name: parse_value(value) for name, value in args.parameter}
+    _check_executor_arguments(args, parser)
     result = runner.run_collection(notebooks=args.notebooks or None, parameters=parameters or None,
-                                   out_dir=args.out, smoke=args.smoke, progress=not args.no_progress)
-    return 0 if result.ok else 1
+                                   out_dir=args.out, smoke=args.smoke, progress=not args.no_progress,
+                                   executor=args.executor, scheduler=args.scheduler, parallel=args.parallel)
+    return _exit_status(sum(r["status"] != "ok" for r in result.rows), len(result.rows), "notebooks")
+
+
+def _check_executor_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.executor == "dask" and not args.scheduler:
+        parser.error("--executor dask needs --scheduler tcp://HOST:PORT (the Dask scheduler's address)")
+    if args.executor != "dask" and args.scheduler:
+        parser.error("--scheduler is for --executor dask")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be at least 1, got {args.parallel}")
+
+
+def _exit_status(failed: int, total: int, what: str) -> int:
+    """0 when all went well, else the number of failed points (at most 100: shells reserve 126+)."""
+    if failed:
+        print(f"{failed} of {total} {what} failed", file=sys.stderr)
+    return min(failed, 100)
 
 
 def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rpnlab.lab import runner
+    from rpnlab.lab import sweeps
 
     grid, base = {}, {}
     for entry in args.parameter:
@@ -622,10 +667,53 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             grid[name] = values
     if not grid:
         parser.error("sweep needs at least one -p NAME VALUE VALUE ... with two or more values to sweep over")
-    result = runner.sweep(args.notebook, grid, out_dir=args.out, parallel=args.parallel,
-                          base_parameters=base or None, smoke=args.smoke, progress=not args.no_progress)
+    _check_executor_arguments(args, parser)
+    if args.aggregate is not None and args.aggregate not in grid:
+        parser.error(f"--aggregate {args.aggregate}: not a swept parameter (swept: {', '.join(grid)}); "
+                     f"give it two or more values, e.g. -p {args.aggregate} 0 1 2")
+    try:
+        shard = sweeps.parse_shard(args.shard)
+    except ValueError as exc:
+        parser.error(f"--shard: {exc}")
+    result = sweeps.sweep(args.notebook, grid, out_dir=args.out, parallel=args.parallel,
+                          base_parameters=base or None, smoke=args.smoke, progress=not args.no_progress,
+                          executor=args.executor, scheduler=args.scheduler, shard=shard, force=args.force,
+                          aggregate=args.aggregate, plot_timings=args.plot_timings)
     print(f"table: {result.table_path}")
-    return 0 if result.ok else 1
+    if result.aggregate_path is not None:
+        print(f"aggregate: {result.aggregate_path}")
+    return _exit_status(result.failed, len(result.rows), "points")
+
+
+def _collect_parser(prog: str = "rpnlab sweep collect") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="merge the points that sweep shards stored into one "
+                                "sweep.csv (+ plot, + aggregate); points no shard finished are listed as missing")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep folder(s) the shards wrote into (the first one's "
+                   "sweep.json says what the sweep is)")
+    p.add_argument("--out", metavar="DIR", default=None, help="where the merged tables go (default: the first DIR)")
+    p.add_argument("--aggregate", metavar="NAME", default=None,
+                   help="average over this swept parameter (default: the one the sweep was run with)")
+    p.add_argument("--plot-timings", action="store_true", help="also plot metrics that are durations")
+    return p
+
+
+def cmd_sweep_collect(argv: Sequence[str]) -> int:
+    from rpnlab.lab import sweeps
+
+    parser = _collect_parser()
+    args = parser.parse_args(argv)
+    for d in args.dirs:
+        if not (Path(d) / sweeps.SPEC).is_file():
+            parser.error(f"{d} is not a sweep folder (no {sweeps.SPEC} in it)")
+    try:
+        result = sweeps.collect(args.dirs, out_dir=args.out, aggregate=args.aggregate,
+                                plot_timings=args.plot_timings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"table: {result.table_path}")
+    if result.aggregate_path is not None:
+        print(f"aggregate: {result.aggregate_path}")
+    return _exit_status(result.failed, len(result.rows), "points (failed or missing)")
 
 
 _COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "run": cmd_run, "sweep": cmd_sweep}
@@ -633,6 +721,9 @@ _COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predic
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rpnlab`` console script (and ``python -m rpnlab``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["sweep", "collect"]:
+        return cmd_sweep_collect(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return _COMMANDS[args.command](args, parser)

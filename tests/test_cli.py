@@ -227,16 +227,17 @@ def test_predict_draws_and_lists_detections(trained, capsys, tmp_path):
 
 
 def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
-    from rpnlab.lab import runner
+    from rpnlab.lab import runner, sweeps
 
     calls = {}
 
     class Result:
         ok = True
         table_path = "sweep.csv"
+        failed, rows, aggregate_path = 0, [], None
 
     monkeypatch.setattr(runner, "run_collection", lambda **kw: calls.setdefault("run", kw) and Result())
-    monkeypatch.setattr(runner, "sweep", lambda notebook, grid, **kw: calls.setdefault("sweep", (notebook, grid, kw))
+    monkeypatch.setattr(sweeps, "sweep", lambda notebook, grid, **kw: calls.setdefault("sweep", (notebook, grid, kw))
                         and Result())
     assert cli.main(["run", "01", "02", "-p", "lr", "0.1", "-p", "device", "cpu", "-p", "sizes", "[16, 32]",
                      "--smoke", "--out", "runs/x"]) == 0
@@ -247,6 +248,7 @@ def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
     notebook, grid, kw = calls["sweep"]
     assert notebook == "03" and grid == {"anchor_stride": [8, 16]}
     assert kw["base_parameters"] == {"device": "cpu"} and kw["parallel"] == 2
+    assert kw["executor"] == "local" and kw["shard"] is None and kw["aggregate"] is None
 
 
 def test_sweep_needs_values(capsys):

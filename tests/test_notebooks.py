@@ -21,7 +21,7 @@ import nbformat
 import papermill
 import pytest
 
-from rpnlab.lab import records, runner
+from rpnlab.lab import records, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -196,7 +196,7 @@ def test_nbval_guard_can_fail(tmp_path):
 
 @pytest.mark.xdist_group("notebooks")
 def test_sweep_anchor_stride(tmp_path):
-    result = runner.sweep("01", {"anchor_stride": [8, 16]}, out_dir=tmp_path, parallel=2, smoke=True,
+    result = sweeps.sweep("01", {"anchor_stride": [8, 16]}, out_dir=tmp_path, parallel=2, smoke=True,
                           progress=False)
     assert result.ok, [r["error"] for r in result.rows]
     with result.table_path.open() as f:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rpnlab.lab import records, runner
+from rpnlab.lab import records, runner, sweeps
 
 PARAMS = (
     'x: int = 1  # the input\n'
@@ -172,7 +172,7 @@ def test_run_collection_reports_failure_and_goes_on(tmp_path):
 def test_sweep_table_and_plot(tmp_path):
     nb = make_notebook(tmp_path, "03_sweepme", RECORD)
     with pytest.warns(runner.ParameterWarning, match="not_there"):
-        result = runner.sweep(nb, {"x": [3, 1, 2]}, out_dir=tmp_path / "sw", parallel=2,
+        result = sweeps.sweep(nb, {"x": [3, 1, 2]}, out_dir=tmp_path / "sw", parallel=2,
                               base_parameters={"not_there": 1}, progress=False)
     assert result.ok
     with result.table_path.open() as f:
@@ -189,6 +189,6 @@ def test_sweep_table_and_plot(tmp_path):
 def test_grid_validation(tmp_path):
     nb = make_notebook(tmp_path, "a", "pass")
     with pytest.raises(ValueError, match="grid\\['x'\\]"):
-        runner.sweep(nb, {"x": []}, out_dir=tmp_path / "o")
+        sweeps.sweep(nb, {"x": []}, out_dir=tmp_path / "o")
     with pytest.raises(ValueError, match="parallel"):
-        runner.sweep(nb, {"x": [1]}, out_dir=tmp_path / "o", parallel=0)
+        sweeps.sweep(nb, {"x": [1]}, out_dir=tmp_path / "o", parallel=0)

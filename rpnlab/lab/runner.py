@@ -9,17 +9,14 @@
         summary.csv, summary.md notebook, status, seconds, key figures
 
 ``sweep`` executes one notebook at every point of a cartesian grid and collects one tidy table
-(parameters, record values, status, seconds) and a plot of each numeric record value against
-the first swept parameter.
+(parameters, record values, status, seconds) and a plot; it lives in :mod:`rpnlab.lab.sweeps`
+(executors, shards, resume, seed statistics).
 
 Parameters are injected only where the notebook declares them in its ``parameters`` cell
 (``papermill.inspect_notebook``); others are skipped with a ``ParameterWarning``, so one
 parameter dict can drive a whole collection. A notebook that raises is reported (name, cell,
 error) and the run goes on; ``ok`` is False if any failed. Notebooks run with their own folder
 as working directory and the ``python3`` kernel.
-
-Longer than 500 lines because running one notebook, the collection and a sweep share parameter
-handling, records and summaries.
 """
 
 from __future__ import annotations
@@ -29,14 +26,12 @@ import csv
 import datetime as _dt
 import itertools
 import json
-import math
 import os
 import re
 import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +50,6 @@ __all__ = [
     "resolve_notebook",
     "run_collection",
     "select_parameters",
-    "sweep",
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +90,10 @@ class SweepResult:
     rows: list[dict[str, Any]]
     ok: bool
     out_dir: Path = field(default=None)  # type: ignore[assignment]
+    failed: int = 0  # points that failed (or, after ``collect``, that no shard finished)
+    ran: int = 0  # points executed by this call (the others were already stored)
+    aggregate_path: Path | None = None  # sweep_aggregate.csv, with ``aggregate=``
+    plotted: list[str] = field(default_factory=list)  # the metrics drawn (those that vary)
 
 
 # --------------------------------------------------------------------------- finding notebooks
@@ -365,8 +363,11 @@ def run_collection(
     progress: bool = True,
     kernel_name: str = "python3",
     cell_timeout: float | None = None,
+    executor: str = "local",
+    scheduler: Any = None,
+    parallel: int = 1,
 ) -> RunResult:
-    """Execute notebooks in order into one run folder and write ``summary.csv`` / ``summary.md``.
+    """Execute notebooks into one run folder and write ``summary.csv`` / ``summary.md``.
 
     Args:
         notebooks: paths, stems or numbers (``"01"``); default every ``notebooks/NN_*.ipynb``.
@@ -377,35 +378,63 @@ def run_collection(
         progress: a tqdm bar over the notebooks.
         kernel_name: the Jupyter kernel to run them with.
         cell_timeout: seconds a single cell may run (None: no limit).
+        executor: ``"local"``: worker processes on this machine, ``parallel`` at once, each pinned
+            to a device (with 1, the notebooks run one after another, in order); ``"dask"``: each
+            notebook a task on the Dask cluster at ``scheduler`` (they may then run at once:
+            use it for notebooks that do not need each other's outputs).
     Returns:
-        ``RunResult(out_dir, rows, ok)``; one row per notebook (see :func:`execute_one`).
+        ``RunResult(out_dir, rows, ok)``; one row per notebook, in order (see :func:`execute_one`;
+        plus ``attempts`` and ``host``).
     """
     from tqdm.auto import tqdm
+
+    from rpnlab.lab.executors import DaskExecutor, LocalExecutor, notebook_hash
 
     paths = [resolve_notebook(n) for n in notebooks] if notebooks is not None else list_notebooks()
     if not paths:
         raise FileNotFoundError(f"no notebooks to run (looked in {notebooks_dir()})")
+    if executor == "local":
+        pool: Any = LocalExecutor(parallel)
+    elif executor == "dask":
+        if scheduler is None:
+            raise ValueError("executor='dask' needs scheduler: the cluster's address, e.g. tcp://HOST:8786")
+        pool = None
+    else:
+        raise ValueError(f"executor must be 'local' or 'dask', got {executor!r}")
+    tasks = []
+    for index, path in enumerate(paths):
+        select_parameters(path, parameters, smoke, warn=True)  # warn here, in order, once per notebook
+        tasks.append({"notebook": str(path), "notebook_sha": notebook_hash(path),
+                      "parameters": dict(parameters or {}), "smoke": bool(smoke), "kernel_name": kernel_name,
+                      "cell_timeout": cell_timeout, "key": f"{index:02d}-{path.stem}", "index": index,
+                      "point": {}})
     run_dir = _fresh_run_dir(out_dir)
-    rows = []
-    bar = tqdm(paths, desc="notebooks", unit="nb", disable=not progress, file=sys.stderr)
-    for path in bar:
-        bar.set_postfix_str(path.stem)
-        row = execute_one(
-            path,
-            run_dir / path.name,
-            parameters=parameters,
-            smoke=smoke,
-            record_path=run_dir / f"{path.stem}.json",
-            figures_dir=run_dir / "figures",
-            kernel_name=kernel_name,
-            cell_timeout=cell_timeout,
-        )
+    rows: dict[int, dict[str, Any]] = {}
+    bar = tqdm(total=len(paths), desc="notebooks", unit="nb", disable=not progress, file=sys.stderr)
+
+    def on_done(task: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
+        stem = Path(task["notebook"]).stem
+        row = dict(payload["row"])
+        output = run_dir / f"{stem}.ipynb"
+        if payload.get("notebook"):
+            output.write_text(payload["notebook"], encoding="utf-8")
+        if row.get("record"):
+            (run_dir / f"{stem}.json").write_text(json.dumps(row["record"], indent=2) + "\n", encoding="utf-8")
+        row["output"] = str(output)
+        row["figures"] = [str(p) for p in _save_figures(output, run_dir / "figures", stem)]
         if row["status"] != "ok":
             _log(_describe_failure(row))
-        rows.append(row)
-    bar.close()
-    _write_summary(run_dir, rows)
-    return RunResult(out_dir=run_dir, rows=rows, ok=all(r["status"] == "ok" for r in rows))
+        rows[task["index"]] = row
+        bar.set_postfix_str(stem)
+        bar.update(1)
+
+    try:
+        (pool or DaskExecutor(scheduler)).run(tasks, on_done)
+    finally:
+        bar.close()
+    ordered = [rows[i] for i in sorted(rows)]
+    _write_summary(run_dir, ordered)
+    return RunResult(out_dir=run_dir, rows=ordered, ok=all(r["status"] == "ok" for r in ordered))
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -425,118 +454,3 @@ def _grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     names = list(grid)
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _plot_sweep(rows: Sequence[Mapping[str, Any]], swept: Sequence[str], metrics: Sequence[str], path: Path) -> Path | None:
-    """One panel per numeric metric against the first swept parameter; a line per other combination."""
-    from matplotlib.figure import Figure
-
-    if not metrics or not swept:
-        return None
-    x_name, others = swept[0], list(swept[1:])
-    ok_rows = [r for r in rows if r["status"] == "ok"]
-    cols = min(3, len(metrics))
-    nrows = math.ceil(len(metrics) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-    numeric_x = all(_is_number(r[x_name]) for r in ok_rows)
-    for ax, metric in zip(axes, metrics):
-        groups: dict[tuple, list] = {}
-        for r in ok_rows:
-            if _is_number(r.get(metric)):
-                groups.setdefault(tuple(r[o] for o in others), []).append(r)
-        for key, group in groups.items():
-            xs = [r[x_name] if numeric_x else str(r[x_name]) for r in group]
-            ys = [r[metric] for r in group]
-            if numeric_x:
-                order = sorted(range(len(xs)), key=lambda i: xs[i])
-                xs, ys = [xs[i] for i in order], [ys[i] for i in order]
-            label = ", ".join(f"{o}={v}" for o, v in zip(others, key)) or None
-            ax.plot(xs, ys, marker="o", label=label)
-        ax.set_title(metric)
-        ax.set_xlabel(x_name)
-        ax.set_ylabel(metric)
-        if others and groups:
-            ax.legend(fontsize="small")
-    for ax in axes[len(metrics):]:
-        ax.set_visible(False)
-    fig.suptitle(f"sweep over {', '.join(swept)}")
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def sweep(
-    notebook: str | os.PathLike,
-    grid: Mapping[str, Sequence[Any]],
-    out_dir: str | os.PathLike | None = None,
-    parallel: int = 1,
-    base_parameters: Mapping[str, Any] | None = None,
-    smoke: bool = False,
-    kernel_name: str = "python3",
-    cell_timeout: float | None = None,
-    progress: bool = True,
-) -> SweepResult:
-    """Execute ``notebook`` once per point of the cartesian ``grid`` and tabulate the records.
-
-    Args:
-        notebook: a path, stem or number (``"01"``).
-        grid: parameter name -> values, e.g. ``{"anchor_stride": [8, 16]}``.
-        out_dir: default ``runs/sweep-<stem>-<timestamp>``.
-        parallel: how many notebooks run at once (threads; each kernel is its own process).
-        base_parameters: injected at every point (the grid wins on a clash).
-        smoke: set the notebook's ``smoke`` parameter.
-    Returns:
-        ``SweepResult(table_path, plot_path, rows, ok)``: ``sweep.csv`` has one row per point,
-        columns = swept parameters, flattened record values, ``status``, ``seconds``, ``error``;
-        ``sweep.png`` plots each numeric record value against the first swept parameter.
-    """
-    from tqdm.auto import tqdm
-
-    path = resolve_notebook(notebook)
-    points = _grid_points(grid)
-    if not isinstance(parallel, int) or parallel < 1:
-        raise ValueError(f"parallel must be a positive int, got {parallel!r}")
-    declared = notebook_parameters(path)
-    # Warn once here, not once per point: an undeclared grid parameter leaves every point alike.
-    select_parameters(path, {**dict(base_parameters or {}), **points[0]}, smoke, declared)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = _fresh_run_dir(out_dir if out_dir is not None else Path("runs") / f"sweep-{path.stem}-{stamp}")
-
-    def run_point(index_point: tuple[int, dict[str, Any]]) -> dict[str, Any]:
-        index, point = index_point
-        name = f"{index:03d}_{_point_name(point)}"
-        params = {**dict(base_parameters or {}), **point}
-        row = execute_one(path, run_dir / "notebooks" / f"{name}.ipynb", params, smoke=smoke,
-                          record_path=run_dir / "records" / f"{name}.json",
-                          kernel_name=kernel_name, cell_timeout=cell_timeout, warn_unknown=False)
-        return {"point": point, **row}
-
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = list(tqdm(pool.map(run_point, enumerate(points)), total=len(points),
-                            desc=f"sweep {path.stem}", disable=not progress, file=sys.stderr))
-
-    rows, metrics = [], []
-    for r in results:
-        flat = _flatten(r["record"])
-        for key in flat:
-            if key not in metrics and key not in r["point"]:
-                metrics.append(key)
-        error = _describe_failure(r) if r["status"] != "ok" else ""
-        if error:
-            _log(error)
-        rows.append({**r["point"], **{k: v for k, v in flat.items() if k not in r["point"]},
-                     "status": r["status"], "seconds": r["seconds"], "error": error})
-    columns = list(grid) + metrics + ["status", "seconds", "error"]
-    table_path = run_dir / "sweep.csv"
-    with table_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: _cell(row.get(c)) for c in columns})
-    numeric = [m for m in metrics if any(_is_number(r.get(m)) for r in rows)]
-    plot_path = _plot_sweep(rows, list(grid), numeric, run_dir / "sweep.png")
-    return SweepResult(table_path=table_path, plot_path=plot_path, rows=rows,
-                       ok=all(r["status"] == "ok" for r in rows), out_dir=run_dir)
