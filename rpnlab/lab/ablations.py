@@ -304,7 +304,7 @@ def proposal_variants(model: nn.Module, dataset, counts: Sequence[int] = (100, 3
     - ``"no scores (random)"``: N of the regressed boxes drawn at random (``seed``), no ranking, no NMS;
     - ``"no regression (anchors)"``: the anchors themselves, ranked by objectness, then NMS and top N.
 
-    Returns one row per (variant, N): ``variant``, ``test_proposals``, ``ar`` (recall averaged over
+    Returns one row per (variant, N): ``setting`` (both in words), ``variant``, ``test_proposals``, ``ar`` (recall averaged over
     IoU 0.5:0.95), ``recall_50``, ``recall_70``, ``mean_proposals``, ``paper_map`` (Table 2) and,
     with ``detector=True``, ``map_50`` (the model's Fast R-CNN head on those proposals). The
     model is left unchanged.
@@ -323,9 +323,9 @@ def proposal_variants(model: nn.Module, dataset, counts: Sequence[int] = (100, 3
     gt_all, gt_labels = [], []
     for anchors, logits, deltas, levels, sizes, gt, images in _rpn_outputs(model, dataset, batch_size):
         num_anchors = anchors.shape[0]
-        for variant in plan:
+        for variant, ns in plan.items():
             layer = copy.deepcopy(base).eval()
-            top = max(plan[variant])
+            top = max(ns)
             lg, dl = logits, deltas
             if variant == "RPN":
                 _set_counts(layer, max(base.pre_nms_top_n[1], top), top)
@@ -340,7 +340,7 @@ def proposal_variants(model: nn.Module, dataset, counts: Sequence[int] = (100, 3
             props, _ = layer(anchors, lg, dl, sizes, levels)
             boxes[variant] += [p.cpu() for p in props]
             if detector:
-                for n in plan[variant]:
+                for n in ns:
                     dets = model(images.to(anchors.device), proposals=[p[:n] for p in props])
                     detections[(variant, n)] += [{k: v.cpu() for k, v in d.items()} for d in dets]
         gt_all += gt
@@ -351,7 +351,7 @@ def proposal_variants(model: nn.Module, dataset, counts: Sequence[int] = (100, 3
     for variant, ns in plan.items():
         r = proposal_recall(boxes[variant], gt_all, ns, DEFAULT_IOU_THRESHOLDS)
         for i, n in enumerate(ns):
-            row = {"variant": variant, "test_proposals": n, "ar": float(r["average_recall"][i]),
+            row = {"setting": f"{variant}, top {n}", "variant": variant, "test_proposals": n, "ar": float(r["average_recall"][i]),
                    "recall_50": float(r["recall_50"][i]), "recall_70": float(r["recall_70"][i]),
                    "mean_proposals": float(np.mean([min(len(b), n) for b in boxes[variant]])),
                    "paper_map": paper.get((variant, n))}
@@ -366,8 +366,8 @@ def recall_vs_iou(model: nn.Module, dataset, counts: Sequence[int] = (300, 1000,
     """The paper's Figure 4: recall of the gt boxes against the IoU threshold, for the top N proposals.
 
     Returns one row per (N, threshold): ``test_proposals``, ``iou``, ``recall``, ``mean_proposals``
-    (the proposals an image really had: with ~2300 anchors NMS leaves a few hundred, so the
-    curves for large N coincide). ``thresholds`` default 0.5, 0.55, ..., 1.0.
+    (the proposals an image really had at the largest N: with ~2300 anchors NMS leaves fewer than
+    2000, so the curves for large N coincide). ``thresholds`` default 0.5, 0.55, ..., 1.0.
     """
     from rpnlab.lab.experiments import proposal_recall_for
 
