@@ -16,6 +16,9 @@ no NMS (the top 6000), no objectness scores (N random boxes), no box regression 
 themselves). Figure 4 is recall against IoU for 300, 1000 and 2000 proposals (``recall_vs_iou``).
 
 Rows are tidy: one flat dict per setting and seed; ``summarise`` gives one per setting.
+
+Longer than 500 lines because the seed loop, the measurements, the interval tables and their
+figures belong together: each table is run, summarised and compared with the paper the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch import nn
+from torch import Tensor, nn
 
 from rpnlab.config import DataConfig, ModelConfig, TrainConfig
 from rpnlab.lab.figures import new_figure
@@ -39,6 +42,7 @@ __all__ = [
     "PAPER_TABLE2",
     "RECALL_KEYS",
     "anchor_rows",
+    "compare_with_paper",
     "differing_pairs",
     "format_interval",
     "lambda_rows",
@@ -52,6 +56,7 @@ __all__ = [
     "summary_markdown",
     "table8_settings",
     "train_and_measure",
+    "variant_proposals",
 ]
 
 # Table 2 of Ren et al. 2015 (ZF, mAP % on VOC 2007 test): a Fast R-CNN trained on Selective
@@ -294,6 +299,35 @@ def lambda_rows(lambdas: Iterable[float], seeds: Iterable[int], data_cfg: DataCo
 # Table 2's other rows and Figure 4, on trained models
 
 
+def variant_proposals(layer, variant: str, n: int, anchors: Tensor, logits: Tensor, deltas: Tensor,
+                      image_sizes: Sequence[tuple[int, int]], num_anchors_per_level: Sequence[int] | None = None,
+                      generator: torch.Generator | None = None) -> list[Tensor]:
+    """The top ``n`` proposals per image of one of Table 2's ``variant`` s (see ``proposal_variants``).
+
+    ``layer``: the model's ``ProposalLayer`` (copied, never changed); ``anchors (A, 4)``,
+    ``logits (B, A)``, ``deltas (B, A, 4)`` as the RPN computed them. Returns per image ``(P_i, 4)``
+    boxes, best first (in random order for ``"no scores (random)"``), ``P_i <= n``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is invalid: expected one of {VARIANTS}")
+    if int(n) < 1:
+        raise ValueError(f"n={n!r} must be a positive number of proposals")
+    layer = copy.deepcopy(layer).eval()
+    test_pre = layer.pre_nms_top_n[1]
+    if variant == "RPN":
+        _set_counts(layer, max(test_pre, n), n)
+    elif variant == "no NMS":
+        _set_counts(layer, anchors.shape[0], n, mode="top")
+    elif variant == "no scores (random)":  # random scores: a random order, no ranking, no NMS
+        logits = torch.rand(logits.shape, generator=generator).to(logits)
+        _set_counts(layer, anchors.shape[0], n, mode="top")
+        layer.score_thresh = 0.0
+    else:  # no regression: zero offsets decode to the anchors themselves
+        deltas = torch.zeros_like(deltas)
+        _set_counts(layer, max(test_pre, n), n)
+    return layer(anchors, logits, deltas, image_sizes, num_anchors_per_level)[0]
+
+
 @torch.no_grad()
 def proposal_variants(model: nn.Module, dataset, counts: Sequence[int] = (100, 300, 1000), no_nms_count: int = 6000,
                       seed: int = 0, detector: bool = False, batch_size: int = 8) -> list[dict[str, Any]]:
@@ -322,22 +356,8 @@ def proposal_variants(model: nn.Module, dataset, counts: Sequence[int] = (100, 3
     detections = {(v, n): [] for v, ns in plan.items() for n in ns}
     gt_all, gt_labels = [], []
     for anchors, logits, deltas, levels, sizes, gt, images in _rpn_outputs(model, dataset, batch_size):
-        num_anchors = anchors.shape[0]
         for variant, ns in plan.items():
-            layer = copy.deepcopy(base).eval()
-            top = max(ns)
-            lg, dl = logits, deltas
-            if variant == "RPN":
-                _set_counts(layer, max(base.pre_nms_top_n[1], top), top)
-            elif variant == "no NMS":
-                _set_counts(layer, num_anchors, top, mode="top")
-            elif variant == "no scores (random)":
-                lg = torch.rand(logits.shape, generator=generator).to(logits)  # a random order
-                _set_counts(layer, num_anchors, top, mode="top")
-            else:
-                dl = torch.zeros_like(deltas)
-                _set_counts(layer, max(base.pre_nms_top_n[1], top), top)
-            props, _ = layer(anchors, lg, dl, sizes, levels)
+            props = variant_proposals(base, variant, max(ns), anchors, logits, deltas, sizes, levels, generator)
             boxes[variant] += [p.cpu() for p in props]
             if detector:
                 for n in ns:
@@ -531,3 +551,27 @@ def plot_recall_vs_iou(rows: Sequence[Mapping[str, Any]], title: str | None = No
     ax.legend(fontsize=8)
     ax.set_title(title or "recall vs IoU (the paper's Figure 4)")
     return fig
+
+
+def compare_with_paper(summary: Sequence[Mapping[str, Any]], by: str, metric: str, paper_key: str = "paper_map",
+                       paper_tolerance: float = 1.0) -> list[dict[str, Any]]:
+    """Does our ordering of two settings agree with the paper's? One row per pair that has a paper number.
+
+    The paper reports one number per setting (no interval): we read a gap of less than
+    ``paper_tolerance`` points as "about equal". Ours is ``differing_pairs``' verdict. Each row:
+    ``a``, ``b``, ``paper`` (``"a > b"``, ``"b > a"`` or ``"a ≈ b"`` with the names), ``ours`` (the
+    same, ``≈`` when the intervals overlap) and ``agree``.
+    """
+    pairs = differing_pairs(summary, by, metric)
+    paper = {s[by]: s.get(paper_key) for s in summary}
+    out = []
+    for p in pairs:
+        pa, pb = paper.get(p["a"]), paper.get(p["b"])
+        if pa is None or pb is None or (isinstance(pa, float) and math.isnan(pa)) or (
+                isinstance(pb, float) and math.isnan(pb)):
+            continue
+        a, b = p["a"], p["b"]
+        theirs = f"{a} ≈ {b}" if abs(pa - pb) < paper_tolerance else (f"{a} > {b}" if pa > pb else f"{b} > {a}")
+        ours = f"{a} ≈ {b}" if not p["differ"] else (f"{a} > {b}" if p["higher"] == a else f"{b} > {a}")
+        out.append({"a": a, "b": b, "paper": theirs, "ours": ours, "agree": theirs == ours})
+    return out
