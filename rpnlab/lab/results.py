@@ -93,8 +93,10 @@ def run_tables(
         settings = [s for s in settings if s["setting"] == DEFAULT_SETTING]
     need_models = "proposals" in tables or "recall_iou" in tables
     start = time.perf_counter()
-    rows, kept = ab.anchor_rows(settings, seeds, data_cfg, train_cfg, base_model_cfg, val_dataset, train_dataset,
-                                keep=[DEFAULT_SETTING] if need_models else [], progress=note("anchors"))
+    rows, kept = [], {}
+    if "anchors" in tables or need_models:
+        rows, kept = ab.anchor_rows(settings, seeds, data_cfg, train_cfg, base_model_cfg, val_dataset, train_dataset,
+                                    keep=[DEFAULT_SETTING] if need_models else [], progress=note("anchors"))
     if "anchors" in tables:
         out["anchors"] = rows
         out["seconds"]["anchors"] = time.perf_counter() - start
