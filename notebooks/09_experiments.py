@@ -163,7 +163,7 @@ if "anchors" in tables:
 # %%
 if anchor_summary:
     agreement = ablations.compare_with_paper(anchor_summary, "setting", "ar_300")
-    display(Markdown(experiments.rows_to_markdown(agreement)))
+    display(Markdown(experiments.rows_to_markdown(agreement, ["paper", "ours", "agree"])))
     print(f"our ar_300 order agrees with the paper's mAP order on {sum(a['agree'] for a in agreement)} "
           f"of {len(agreement)} pairs")
 
@@ -198,7 +198,7 @@ if "lambda" in tables:
 # %%
 if lambda_summary:
     agreement = ablations.compare_with_paper(lambda_summary, "lambda", "ar_300")
-    display(Markdown(experiments.rows_to_markdown(agreement)))
+    display(Markdown(experiments.rows_to_markdown(agreement, ["paper", "ours", "agree"])))
     print(f"our ar_300 order agrees with the paper's mAP order on {sum(a['agree'] for a in agreement)} "
           f"of {len(agreement)} pairs")
 
@@ -257,8 +257,12 @@ if "recall_iou" in tables:
 # %%
 wall = time.perf_counter() - started
 print(f"wall time of the experiments: {wall:.0f} s on {dev}")
-for name, summary in (("anchors", anchor_summary), ("lambda", lambda_summary), ("proposals", proposal_summary)):
-    records.record(f"{name}_summary", summary)
+for name, summary, by, metric in (("anchors", anchor_summary, "setting", "ar_300"),
+                                  ("lambda", lambda_summary, "lambda", "ar_300"),
+                                  ("proposals", proposal_summary, "setting", "ar")):
+    for row in summary:  # e.g. anchors_ar_300[3 scales, 3 ratios]: mean, low, high over the seeds
+        records.record(f"{name}_{metric}[{row[by]}]",
+                       [row[f"{metric}_mean"], row[f"{metric}_low"], row[f"{metric}_high"]])
 records.record("seeds", seeds)
 records.record("steps_per_run", steps)
 records.record("schedule", schedule)
