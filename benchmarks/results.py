@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_start = os.getloadavg()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="rpnlab-results-") as tmp:
         data_cfg, train_cfg, model_cfg = results.ablation_configs(num_train, num_val, epochs, args.schedule, device,
                                                                   tmp)
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "started": started,
         "wall_seconds": round(time.perf_counter() - start, 1),
+        # CPU seconds of this process: on a busy machine the wall time grows, this does not.
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "seconds_per_table": {k: round(v, 1) for k, v in tables.pop("seconds").items()},
         "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],

@@ -248,3 +248,15 @@ def test_compare_with_paper():
     # our intervals overlap: no agreement.
     assert rows == [{"a": "a", "b": "c", "paper": "c > a", "ours": "a ≈ c", "agree": False}]
     assert ab.compare_with_paper(summary, "setting", "x", paper_tolerance=2.0)[0]["agree"]
+
+
+def test_detector_mode_adds_map(tiny):
+    """``schedule="joint"`` (the longer mode): the whole detector trains and mAP joins the recall."""
+    data_cfg, train_cfg, model_cfg, val = tiny
+    cfg = copy.deepcopy(train_cfg)
+    cfg.schedule, cfg.out_dir = "joint", str(Path(train_cfg.out_dir) / "joint")
+    row, model = ab.train_and_measure(model_cfg, data_cfg, cfg, val)
+    assert 0.0 <= row["map_50"] <= 1.0 and 0.0 <= row["map"] <= 1.0
+    rows = ab.proposal_variants(model, val, counts=(10,), detector=True)
+    assert {r["variant"] for r in rows} == set(ab.VARIANTS)
+    assert all(0.0 <= r["map_50"] <= 1.0 for r in rows)
