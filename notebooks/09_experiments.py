@@ -172,9 +172,9 @@ if anchor_summary:
 #
 # The RPN loss of the paper (eq. 1) is `1/N_cls sum L_cls + lambda/N_reg sum p* L_reg`, with
 # `N_cls` = 256 sampled anchors and `N_reg` ~ 2400 anchor locations; `lambda = 10` then weighs
-# the two terms about equally (`paper_balance` ~ 1). Our 16 x 16 feature map has 256 locations
-# and we sample 128 anchors, so the same lambda weighs the box term about 5 times more than
-# in the paper (`balance`: box vs objectness weight per sampled anchor,
+# the two terms about equally (`paper_balance` ~ 1). Our small feature map has far fewer
+# locations (printed below), so the same lambda weighs the box term several times more than in
+# the paper (`balance`: box vs objectness weight per sampled anchor,
 # `rpnlab.lab.experiments.loss_balance`). `box_share` is what training really saw: the box
 # term's share of the RPN loss over the last iterations. The paper found mAP insensitive to
 # lambda within two orders of magnitude (1 to 100; 0.1 loses 2.7 points).
@@ -182,6 +182,11 @@ if anchor_summary:
 # %%
 lambda_summary = []
 if "lambda" in tables:
+    n_reg = experiments._locations_per_image(base_cfg, val_set)
+    n_cls = base_cfg.rpn.batch_size_per_image
+    print(f"N_cls = {n_cls} sampled anchors, N_reg = {n_reg} locations per image: a lambda weighs the box term "
+          f"{experiments.loss_balance(1, n_cls, n_reg) / experiments.loss_balance(1, 256, 2400):.1f} times "
+          "more than in the paper (256 and ~2400)")
     lambda_rows = ablations.lambda_rows(lambdas, seeds, data_cfg, train_cfg, base_cfg, val_set, train_set)
     metrics = [m for m in results.TABLES["lambda"]["metrics"] if m in lambda_rows[0]]
     lambda_summary, lambda_ref = show("lambda", lambda_rows, "lambda", metrics,
@@ -190,10 +195,10 @@ if "lambda" in tables:
                                      title="lambda: proposal recall and the box term's share of the loss"))
 
 # %% [markdown]
-# **Agreement with the paper.** Where ours differs, look at `box_share`: a lambda that gives the
-# box term almost all of the loss (our `balance` ~ 50 at lambda 100, against the paper's ~11)
-# starves the objectness term that ranks the proposals, and a tiny lambda leaves the boxes where
-# the anchors put them; the paper's flat region sits where `balance` is ~0.1-10.
+# **Agreement with the paper.** Where ours differs, look at `balance` and `box_share`: a lambda
+# that gives the box term most of the loss starves the objectness term that ranks the proposals,
+# and a tiny lambda leaves the boxes where the anchors put them; the paper's flat region
+# (lambda 1-100) has `paper_balance` between 0.1 and 11, ours is shifted by the factor printed above.
 
 # %%
 if lambda_summary:
