@@ -10,7 +10,7 @@ RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test smoke lint fmt check bench clean lab
+.PHONY: setup run test smoke lint fmt check bench clean lab results
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_detector.py
+
+## Notebook 09's ablations (3 seeds, RPN recall), written under docs/results/ (RESULTS_ARGS=--quick: a minute)
+results: $(STAMP)
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) benchmarks/results.py $(RESULTS_ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

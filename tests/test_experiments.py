@@ -164,7 +164,7 @@ def test_anchor_settings_follow_table_8():
 def test_paper_numbers():
     # Ren et al. 2015, arXiv:1506.01497v3: Table 8 (anchors), Table 9 (lambda), Table 2 (ZF, test proposals).
     assert [r["paper_map"] for r in ex.PAPER_ANCHORS] == [65.8, 66.7, 68.8, 67.9, 69.8, 69.9]
-    assert ex.PAPER_LAMBDA == {0.1: 67.2, 1.0: 68.9, 10.0: 69.9, 100.0: 69.1}
+    assert ex.PAPER_LAMBDA == {0.1: 67.2, 1.0: 68.9, 3.0: 69.8, 10.0: 69.9, 100.0: 69.1}
     assert ex.PAPER_TEST_PROPOSALS == {100: 55.1, 300: 56.8, 1000: 56.3}
     rows = ex.paper_reference_rows()
     assert set(rows) == {"anchors", "lambda", "proposals"}

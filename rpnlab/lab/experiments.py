@@ -80,7 +80,7 @@ PAPER_ANCHORS: tuple[dict[str, Any], ...] = (
 )
 
 # Table 9: lambda of the RPN loss (eq. 1) with the paper's normalisation, VGG-16.
-PAPER_LAMBDA: dict[float, float] = {0.1: 67.2, 1.0: 68.9, 10.0: 69.9, 100.0: 69.1}
+PAPER_LAMBDA: dict[float, float] = {0.1: 67.2, 1.0: 68.9, 3.0: 69.8, 10.0: 69.9, 100.0: 69.1}
 
 # Table 2: test-time proposals. A Fast R-CNN (ZF) trained on 2000 Selective Search proposals,
 # tested on the top-N proposals of an RPN (ZF) that shares no features with it. The paper has
