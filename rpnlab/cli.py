@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -408,6 +409,8 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, as CI runs them")
     p.add_argument("--out", metavar="DIR", default=None, help="run folder (default runs/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-unknown-parameters", action="store_true",
+                   help="skip (with a warning) a -p NAME that no notebook of the run declares, instead of refusing it")
 
     p = sub.add_parser("sweep", help="execute one notebook over a parameter grid and tabulate its records",
                        formatter_class=_Formatter)
@@ -419,6 +422,8 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default=None, help="sweep folder (default runs/sweep-<stem>-<timestamp>)")
     p.add_argument("--parallel", type=int, default=1, help="notebooks executed at once")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-unknown-parameters", action="store_true",
+                   help="skip (with a warning) a -p NAME the notebook does not declare, instead of refusing it")
     return parser
 
 
@@ -599,12 +604,77 @@ def _draw(image, detections: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _refuse(parser: argparse.ArgumentParser, problems: Sequence[str]) -> None:
+    """Exit 2 with every problem found, one per line, before any work."""
+    if problems:
+        parser.error(problems[0] if len(problems) == 1 else
+                     f"{len(problems)} problems:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+
+
+def _writable_dir_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created or written into, or None."""
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            return f"{str(probe)!r} is a broken link"
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{str(probe)!r} is not writable"
+    return None
+
+
+def _check_out_dir(path: str | os.PathLike, option: str) -> list[str]:
+    """Problems with an output folder: a file in its place, or no permission to create/write it."""
+    problem = _writable_dir_problem(Path(path))
+    return [f"{option}={str(path)!r}: {problem}"] if problem else []
+
+
+def _check_out_file(path: str | os.PathLike, option: str) -> list[str]:
+    """Problems with an output file: a folder in its place, or a folder that cannot hold it."""
+    path = Path(path)
+    if path.is_dir():
+        return [f"{option}={str(path)!r} is a folder, expected a file path"]
+    if path.exists() and not os.access(path, os.W_OK):
+        return [f"{option}={str(path)!r} is not writable"]
+    problem = _writable_dir_problem(path.parent)
+    return [f"{option}={str(path)!r}: {problem}"] if problem else []
+
+
+def _check_in_file(path: str | os.PathLike, option: str) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        return [f"{option}={str(path)!r}: no such file"]
+    if path.is_dir():
+        return [f"{option}={str(path)!r} is a folder, expected a file"]
+    if not os.access(path, os.R_OK):
+        return [f"{option}={str(path)!r} is not readable"]
+    return []
+
+
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.lab import runner
 
     parameters = {name: parse_value(value) for name, value in args.parameter}
-    result = runner.run_collection(notebooks=args.notebooks or None, parameters=parameters or None,
-                                   out_dir=args.out, smoke=args.smoke, progress=not args.no_progress)
+    problems = _check_out_dir(args.out, "--out") if args.out else []
+    try:
+        paths = [runner.resolve_notebook(n) for n in args.notebooks] if args.notebooks else runner.list_notebooks()
+    except FileNotFoundError as err:
+        problems.append(str(err))
+        paths = []
+    if paths:
+        try:
+            runner.check_collection_parameters(paths, parameters, args.smoke,
+                                               allow_unknown=args.allow_unknown_parameters)
+        except runner.ParameterError as err:
+            problems.append(str(err).strip())
+    _refuse(parser, problems)
+    result = runner.run_collection(notebooks=[str(p) for p in paths] or None, parameters=parameters or None,
+                                   out_dir=args.out, smoke=args.smoke, progress=not args.no_progress,
+                                   allow_unknown_parameters=args.allow_unknown_parameters)
     return 0 if result.ok else 1
 
 
@@ -620,10 +690,34 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             base[name] = values[0]
         else:
             grid[name] = values
+    problems = []
     if not grid:
-        parser.error("sweep needs at least one -p NAME VALUE VALUE ... with two or more values to sweep over")
-    result = runner.sweep(args.notebook, grid, out_dir=args.out, parallel=args.parallel,
-                          base_parameters=base or None, smoke=args.smoke, progress=not args.no_progress)
+        problems.append("sweep needs at least one -p NAME VALUE VALUE ... with two or more values to sweep over")
+    if args.parallel < 1:
+        problems.append(f"--parallel={args.parallel} is invalid: expected a positive number of notebooks")
+    if args.out:
+        problems += _check_out_dir(args.out, "--out")
+    try:
+        path = runner.resolve_notebook(args.notebook)
+    except FileNotFoundError as err:
+        problems.append(str(err))
+        path = None
+    if path is not None and grid:
+        declared = runner.notebook_parameters(path)
+        names = list(base) + list(grid)
+        try:
+            runner.select_parameters(path, {**base, **{k: v[0] for k, v in grid.items()}}, args.smoke, declared,
+                                     warn=False, allow_unknown=args.allow_unknown_parameters)
+        except runner.ParameterError as err:
+            problems.append(str(err).strip())
+        problems += [f"{path.stem}: {problem}" for name in names if name in declared
+                     for v in grid.get(name, [base.get(name)])
+                     for _, problem in [runner.check_parameter_value(name, v, declared[name])]
+                     if problem and problem not in " ".join(problems)]
+    _refuse(parser, problems)
+    result = runner.sweep(path, grid, out_dir=args.out, parallel=args.parallel,
+                          base_parameters=base or None, smoke=args.smoke, progress=not args.no_progress,
+                          allow_unknown_parameters=args.allow_unknown_parameters)
     print(f"table: {result.table_path}")
     return 0 if result.ok else 1
 

@@ -13,8 +13,10 @@
 the first swept parameter.
 
 Parameters are injected only where the notebook declares them in its ``parameters`` cell
-(``papermill.inspect_notebook``); others are skipped with a ``ParameterWarning``, so one
-parameter dict can drive a whole collection. A notebook that raises is reported (name, cell,
+(``papermill.inspect_notebook``). Before anything runs, a name that no notebook of the run declares
+is a ``ParameterError`` naming the declared ones and the nearest (``allow_unknown_parameters=True``
+skips it with a ``ParameterWarning`` instead), and so is a value of another type than the declared
+one; in a collection, a name declared by some notebooks is injected into those only. A notebook that raises is reported (name, cell,
 error) and the run goes on; ``ok`` is False if any failed. Notebooks run with their own folder
 as working directory and the ``python3`` kernel.
 
@@ -44,9 +46,12 @@ from typing import Any
 from rpnlab.lab.records import read_record
 
 __all__ = [
+    "ParameterError",
     "ParameterWarning",
     "RunResult",
     "SweepResult",
+    "check_collection_parameters",
+    "check_parameter_value",
     "execute_one",
     "list_notebooks",
     "notebook_parameters",
@@ -142,32 +147,165 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, dict[str, Any]
     return papermill.inspect_notebook(str(notebook))
 
 
+class ParameterError(ValueError):
+    """A parameter a notebook does not declare, or a value of the wrong type; raised before any run."""
+
+
+def _nearest(name: str, names: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.5)
+    if not close:  # "stride" for "anchor_stride": a suffix or prefix match is a good guess too
+        close = [n for n in names if n.endswith(name) or n.startswith(name)][:1]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _literal(text: Any) -> Any:
+    import ast
+
+    try:
+        return ast.literal_eval(text) if isinstance(text, str) else text
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_parameter_value(name: str, value: Any, info: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """``value`` checked against the type a notebook declares for ``name`` (``info``, one entry of
+    ``notebook_parameters``): returns ``(value, None)`` (an int is widened to a float where a float
+    is declared, a number to text where text is), or ``(value, problem)``.
+
+    Declared ``int``: an int; ``float``: a finite number; ``bool``: true/false; ``str``: text;
+    ``list``/``tuple``: a list whose items are of the kind of the default's items (numbers or
+    text). Other or undeclared types are not checked.
+    """
+    kind = str(info.get("inferred_type_name") or "").strip()
+    shown = f"{name}={value!r}"
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value), None
+        return value, f"{shown}: expected an integer (declared int, default {info.get('default')})"
+    if kind == "float":
+        if _is_real(value) and math.isfinite(value):
+            return float(value), None
+        return value, f"{shown}: expected a finite number (declared float, default {info.get('default')})"
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true", None
+        return value, f"{shown}: expected true or false (declared bool)"
+    if kind == "str":
+        if isinstance(value, str):
+            return value, None
+        if _is_real(value):  # -p device 0: the CLI read the text as JSON
+            return str(value), None
+        return value, f"{shown}: expected text (declared str, default {info.get('default')})"
+    if kind.startswith(("list", "tuple", "List", "Tuple")):
+        if not isinstance(value, (list, tuple)):
+            hint = f"; write [{value}] for a list of one" if _is_real(value) else ""
+            return value, f"{shown}: expected a list (declared {kind}, default {info.get('default')}){hint}"
+        default = _literal(info.get("default"))
+        if isinstance(default, (list, tuple)) and default:
+            if all(_is_real(v) for v in default):
+                bad = [v for v in value if not (_is_real(v) and math.isfinite(v))]
+                if bad:
+                    return value, f"{shown}: expected a list of finite numbers (as the default {list(default)}), got {bad[0]!r} in it"
+            elif all(isinstance(v, str) for v in default):
+                bad = [v for v in value if not isinstance(v, str)]
+                if bad:
+                    return value, f"{shown}: expected a list of text items (as the default {list(default)}), got {bad[0]!r} in it"
+        return list(value), None
+    return value, None
+
+
 def select_parameters(
     notebook: str | os.PathLike,
     parameters: Mapping[str, Any] | None,
     smoke: bool = False,
     declared: Mapping[str, Any] | None = None,
     warn: bool = True,
+    allow_unknown: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Split ``parameters`` into those ``notebook`` declares and the names it does not.
+    """Split ``parameters`` into those ``notebook`` declares (type-checked) and the names it does not.
 
-    ``smoke=True`` adds ``smoke=True`` when the notebook declares ``smoke``. Unknown names are
-    returned (and warned about with ``ParameterWarning``) rather than raised: one dict can feed
-    a whole collection whose notebooks declare different parameters.
+    Raises ``ParameterError`` listing every problem at once: a name the notebook does not declare
+    (with the declared names and the nearest one), unless ``allow_unknown=True``, in which case
+    unknown names are returned and warned about (``ParameterWarning``, when ``warn``); and a value
+    whose type differs from the declared one (``check_parameter_value``). ``smoke=True`` adds
+    ``smoke=True`` when the notebook declares ``smoke``.
     """
     declared = notebook_parameters(notebook) if declared is None else declared
     params = dict(parameters or {})
     if smoke:
         params["smoke"] = True
-    accepted = {k: v for k, v in params.items() if k in declared}
+    stem = Path(notebook).stem
     unknown = sorted(k for k in params if k not in declared and not (k == "smoke" and smoke))
+    problems = []
+    if unknown and not allow_unknown:
+        names = ", ".join(declared) or "none"
+        for k in unknown:
+            problems.append(f"{stem} does not declare parameter {k!r}{_nearest(k, declared)} (declared: {names})")
+    accepted = {}
+    for k, v in params.items():
+        if k in declared:
+            accepted[k], problem = check_parameter_value(k, v, declared[k])
+            if problem:
+                problems.append(f"{stem}: {problem}")
+    if problems:
+        raise ParameterError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
     if unknown and warn:
         warnings.warn(
-            f"{Path(notebook).stem}: does not declare parameter(s) {', '.join(unknown)}; not injected",
+            f"{stem}: does not declare parameter(s) {', '.join(unknown)}; not injected",
             ParameterWarning,
             stacklevel=2,
         )
     return accepted, unknown
+
+
+def check_collection_parameters(
+    notebooks: Sequence[str | os.PathLike],
+    parameters: Mapping[str, Any] | None,
+    smoke: bool = False,
+    allow_unknown: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Check ``parameters`` for a run of several ``notebooks`` before any runs.
+
+    A name counts as known when at least one of the notebooks declares it (it is injected only
+    where declared); a name none declares is an error unless ``allow_unknown``. Each declared
+    value is type-checked for every notebook that declares it. Raises ``ParameterError`` listing
+    every problem; returns ``{stem: declared parameters}``.
+    """
+    declared = {Path(n).stem: notebook_parameters(n) for n in notebooks}
+    params = dict(parameters or {})
+    everywhere = set().union(*declared.values()) if declared else set()
+    problems = []
+    if not allow_unknown:
+        names = sorted(everywhere)
+        where = next(iter(declared)) if len(declared) == 1 else f"none of the {len(declared)} notebooks"
+        for k in params:
+            if k not in everywhere:
+                problems.append(f"{where} declares parameter {k!r}{_nearest(k, names)} (declared: {', '.join(names) or 'none'})"
+                                if len(declared) > 1 else
+                                f"{where} does not declare parameter {k!r}{_nearest(k, names)} (declared: {', '.join(names) or 'none'})")
+    unknown = sorted(k for k in params if k not in everywhere)
+    if unknown and allow_unknown:
+        warnings.warn(f"no notebook of the run declares parameter(s) {', '.join(unknown)}; not injected",
+                      ParameterWarning, stacklevel=2)
+    for stem, decl in declared.items():
+        for k, v in params.items():
+            if k in decl:
+                _, problem = check_parameter_value(k, v, decl[k])
+                if problem and f": {problem}" not in "".join(problems):
+                    problems.append(f"{stem}: {problem}")
+    if problems:
+        raise ParameterError(problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+    return declared
 
 
 def parse_parameter(text: str) -> tuple[str, Any]:
@@ -216,6 +354,7 @@ def execute_one(
     kernel_name: str = "python3",
     cell_timeout: float | None = None,
     warn_unknown: bool = True,
+    allow_unknown_parameters: bool = False,
 ) -> dict[str, Any]:
     """Execute one notebook with papermill; never raises for a failing notebook.
 
@@ -233,7 +372,8 @@ def execute_one(
     params = dict(parameters or {})
     if record_path is not None and "record_path" in declared:
         params["record_path"] = str(Path(record_path).resolve())
-    accepted, unknown = select_parameters(notebook, params, smoke, declared, warn=warn_unknown)
+    accepted, unknown = select_parameters(notebook, params, smoke, declared, warn=warn_unknown,
+                                          allow_unknown=allow_unknown_parameters)
     if record_path is not None and Path(record_path).exists():
         Path(record_path).unlink()  # a stale record from an earlier run must not look like this one's
 
@@ -365,18 +505,20 @@ def run_collection(
     progress: bool = True,
     kernel_name: str = "python3",
     cell_timeout: float | None = None,
+    allow_unknown_parameters: bool = False,
 ) -> RunResult:
     """Execute notebooks in order into one run folder and write ``summary.csv`` / ``summary.md``.
 
     Args:
         notebooks: paths, stems or numbers (``"01"``); default every ``notebooks/NN_*.ipynb``.
-        parameters: injected into each notebook that declares them (others skip them, with a
-            ``ParameterWarning``).
+        parameters: injected into each notebook that declares them; a name no notebook declares,
+            or a value of the wrong type, raises ``ParameterError`` before anything runs.
         out_dir: the run folder; default ``runs/<timestamp>`` under the current directory.
         smoke: set each notebook's ``smoke`` parameter to True (tiny sizes, as CI runs them).
         progress: a tqdm bar over the notebooks.
         kernel_name: the Jupyter kernel to run them with.
         cell_timeout: seconds a single cell may run (None: no limit).
+        allow_unknown_parameters: skip names no notebook declares (with a warning) instead.
     Returns:
         ``RunResult(out_dir, rows, ok)``; one row per notebook (see :func:`execute_one`).
     """
@@ -385,6 +527,7 @@ def run_collection(
     paths = [resolve_notebook(n) for n in notebooks] if notebooks is not None else list_notebooks()
     if not paths:
         raise FileNotFoundError(f"no notebooks to run (looked in {notebooks_dir()})")
+    check_collection_parameters(paths, parameters, smoke, allow_unknown=allow_unknown_parameters)
     run_dir = _fresh_run_dir(out_dir)
     rows = []
     bar = tqdm(paths, desc="notebooks", unit="nb", disable=not progress, file=sys.stderr)
@@ -399,6 +542,8 @@ def run_collection(
             figures_dir=run_dir / "figures",
             kernel_name=kernel_name,
             cell_timeout=cell_timeout,
+            warn_unknown=False,
+            allow_unknown_parameters=True,  # checked above, for the collection as a whole
         )
         if row["status"] != "ok":
             _log(_describe_failure(row))
@@ -478,6 +623,7 @@ def sweep(
     kernel_name: str = "python3",
     cell_timeout: float | None = None,
     progress: bool = True,
+    allow_unknown_parameters: bool = False,
 ) -> SweepResult:
     """Execute ``notebook`` once per point of the cartesian ``grid`` and tabulate the records.
 
@@ -488,6 +634,8 @@ def sweep(
         parallel: how many notebooks run at once (threads; each kernel is its own process).
         base_parameters: injected at every point (the grid wins on a clash).
         smoke: set the notebook's ``smoke`` parameter.
+        allow_unknown_parameters: a name the notebook does not declare is skipped (with a
+            warning) instead of a ``ParameterError`` before anything runs.
     Returns:
         ``SweepResult(table_path, plot_path, rows, ok)``: ``sweep.csv`` has one row per point,
         columns = swept parameters, flattened record values, ``status``, ``seconds``, ``error``;
@@ -500,8 +648,13 @@ def sweep(
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be a positive int, got {parallel!r}")
     declared = notebook_parameters(path)
-    # Warn once here, not once per point: an undeclared grid parameter leaves every point alike.
-    select_parameters(path, {**dict(base_parameters or {}), **points[0]}, smoke, declared)
+    # Check once here, not once per point: an undeclared grid parameter leaves every point alike.
+    select_parameters(path, {**dict(base_parameters or {}), **points[0]}, smoke, declared,
+                      allow_unknown=allow_unknown_parameters)
+    problems = [f"{path.stem}: {problem}" for name, values in grid.items() if name in declared
+                for v in values for _, problem in [check_parameter_value(name, v, declared[name])] if problem]
+    if problems:
+        raise ParameterError(problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = _fresh_run_dir(out_dir if out_dir is not None else Path("runs") / f"sweep-{path.stem}-{stamp}")
 
@@ -511,7 +664,8 @@ def sweep(
         params = {**dict(base_parameters or {}), **point}
         row = execute_one(path, run_dir / "notebooks" / f"{name}.ipynb", params, smoke=smoke,
                           record_path=run_dir / "records" / f"{name}.json",
-                          kernel_name=kernel_name, cell_timeout=cell_timeout, warn_unknown=False)
+                          kernel_name=kernel_name, cell_timeout=cell_timeout, warn_unknown=False,
+                          allow_unknown_parameters=allow_unknown_parameters)
         return {"point": point, **row}
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
