@@ -482,8 +482,14 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         problems += _check_data_root(data_cfg)
     _refuse(parser, problems)
     try:
-        trainer = Trainer(model_cfg, data_cfg, train_cfg, resume=args.resume, progress=not args.no_progress,
-                          skip_bad_images=args.skip_bad_images)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = Trainer(model_cfg, data_cfg, train_cfg, resume=args.resume, progress=not args.no_progress,
+                              skip_bad_images=args.skip_bad_images)
+        for w in caught:  # re-planned schedule, skipped images: one line each, no source excerpt
+            print(f"rpnlab train: warning: {w.message}", file=sys.stderr)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
         parser.error(_with_option_names_all(str(err)))
     try:
@@ -910,7 +916,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rpnlab`` console script (and ``python -m rpnlab``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return _COMMANDS[args.command](args, parser)
+    try:
+        return _COMMANDS[args.command](args, parser)
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (setup, evaluation, notebooks)
+        print(f"rpnlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
