@@ -308,17 +308,36 @@ def configs_from_args(
     problems = []
     for section in ("anchors", "rpn", "roi", "model", "data", "train"):
         cfg = sections[section]
-        try:
-            if section == "model":
-                ModelConfig.validate(dataclasses.replace(cfg, anchors=AnchorConfig(), rpn=RPNConfig(), roi=RoIConfig()))
-            else:
-                cfg.validate()
-        except ValueError as err:
-            problems.append(_with_option_names(section, str(err)))
+        if section == "model":
+            cfg = dataclasses.replace(cfg, anchors=AnchorConfig(), rpn=RPNConfig(), roi=RoIConfig())
+        problems += [_with_option_names(section, p) for p in _all_problems(cfg)]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          f"{len(problems)} problems:\n  " + "\n  ".join(problems))
     return model, data, train
+
+
+def _all_problems(cfg) -> list[str]:
+    """Every ``validate()`` problem of ``cfg``, not just the first: after each one, the field it
+    names is put back to its default on a copy and validation runs again."""
+    cfg = dataclasses.replace(cfg)
+    default = type(cfg)()
+    names = [f.name for f in dataclasses.fields(cfg)]
+    problems: list[str] = []
+    for _ in range(len(names) + 1):
+        try:
+            cfg.validate()
+            break
+        except ValueError as err:
+            message = str(err)
+            problems.append(message)
+            culprits = [n for n in names if re.search(rf"(?<![\w-]){n}(?=[=\[])", message)
+                        and getattr(cfg, n) != getattr(default, n)]
+            if not culprits:
+                break
+            for n in culprits:
+                setattr(cfg, n, getattr(default, n))
+    return problems
 
 
 def _with_option_names(section: str, message: str) -> str:
@@ -476,6 +495,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         problems.append(str(err))
         model_cfg = data_cfg = train_cfg = None
+        if getattr(args, "cfg__train__out_dir", None):  # still name a bad --out-dir in the same report
+            problems += _check_out_dir(args.cfg__train__out_dir, "--out-dir")
     if train_cfg is not None:
         problems += _check_out_dir(train_cfg.out_dir, "--out-dir")
         problems += _check_pretrained(model_cfg.pretrained)
