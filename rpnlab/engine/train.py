@@ -721,6 +721,12 @@ class Trainer:
                         for schedule in scheduler.lr_lambdas:
                             schedule.total_steps = stage.epochs * self.iters_per_epoch
                             schedule.milestones = [e * self.iters_per_epoch for e in cfg.lr_steps]
+                        # The optimiser's state dict carries the saved lr, momentum and weight decay:
+                        # this run's options win (equal unless changed on the command line).
+                        scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+                        for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                            group.update(initial_lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         lr=cfg.lr * schedule(scheduler.last_epoch))
                         if scaler is not None and state.get("scaler"):
                             scaler.load_state_dict(state["scaler"])
                     if state is not None:
