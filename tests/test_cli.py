@@ -239,8 +239,9 @@ def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
     monkeypatch.setattr(runner, "run_collection", lambda **kw: calls.setdefault("run", kw) and Result())
     monkeypatch.setattr(runner, "sweep", lambda notebook, grid, **kw: calls.setdefault("sweep", (notebook, grid, kw))
                         and Result())
-    assert cli.main(["run", "01", "02", "-p", "lr", "0.1", "-p", "device", "cpu", "-p", "sizes", "[16, 32]",
-                     "--smoke", "--out", "runs/x", "--allow-unknown-parameters"]) == 0
+    with pytest.warns(runner.ParameterWarning, match="lr, sizes"):
+        assert cli.main(["run", "01", "02", "-p", "lr", "0.1", "-p", "device", "cpu", "-p", "sizes", "[16, 32]",
+                         "--smoke", "--out", "runs/x", "--allow-unknown-parameters"]) == 0
     assert [Path(n).stem for n in calls["run"]["notebooks"]] == ["01_anchors", "02_box_coding"]
     assert calls["run"]["allow_unknown_parameters"] is True
     assert calls["run"]["parameters"] == {"lr": 0.1, "device": "cpu", "sizes": [16, 32]}
