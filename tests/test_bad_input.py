@@ -67,10 +67,21 @@ def ckpt(tmp_path_factory):
     state["model"][name] = state["model"][name].clone().fill_(float("nan"))
     save_checkpoint(root / "nan.pt", state)
     (root / "a_folder.pt").mkdir()
+    torch.save({"model": _Evil(str(root / "pwned"))}, root / "evil.pt")
     Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "good.png")
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not the rest of a PNG")
     (root / "plain.txt").write_text("text")
     return root
+
+
+class _Evil:
+    """Unpickling this runs a shell command: a checkpoint or weights file must never do that."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
 
 
 def dirs(ckpt, tmp_path) -> dict[str, str]:
@@ -145,6 +156,9 @@ TRAIN_CASES = [
     (["--resume", "{ROOT}/truncated.pt"], "truncated.pt"),
     (["--resume", "{ROOT}/noconfigs.pt"], "noconfigs.pt"),
     (["--pretrained", "{TMP}/weights.pth"], "--pretrained"),
+    (["--pretrained", "{ROOT}/evil.pt"], ("evil.pt", "could run code")),
+    (["--pretrained", "{ROOT}/text.pt"], "text.pt"),
+    (["--resume", "{ROOT}/evil.pt"], ("evil.pt", "could run code")),
     # Several problems: all named in one report.
     (["--weight-decay", "inf", "--lr-steps", "-5", "--momentum", "2", "--out-dir", "{FILE}"],
      ("--weight-decay=inf", "--lr-steps=(-5,)", "--momentum=2", "--out-dir")),
@@ -162,6 +176,7 @@ def test_cli_train_refuses_before_work(extra, culprit, ckpt, tmp_path, capsys):
         assert c in message
     assert "Traceback" not in message
     assert listing(tmp_path) == before  # no out-dir, no checkpoint, no temp file
+    assert not (ckpt / "pwned").exists()
 
 
 # ------------------------------------------------------------------------------- CLI: evaluate, predict
@@ -175,6 +190,7 @@ EVALUATE_CASES = [
     (["--checkpoint", "{ROOT}/truncated.pt"], "truncated.pt"),
     (["--checkpoint", "{ROOT}/noconfigs.pt"], "noconfigs.pt"),
     (["--checkpoint", "{ROOT}/nan.pt"], "non-finite weights"),
+    (["--checkpoint", "{ROOT}/evil.pt"], "could run code"),
     (["--checkpoint", "{CKPT}", "--json", "{FILE}/m.json"], "--json"),
     (["--checkpoint", "{CKPT}", "--json", "{TMP}"], "--json"),
     (["--checkpoint", "{CKPT}", "--batch-size", "0"], "--batch-size=0"),

@@ -172,6 +172,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
             KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError) as err:
         # torch.load of a file that is no checkpoint can fail almost any way (KeyError: 101 for
         # plain text): every one of them means "not a checkpoint".
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it holds Python objects besides "
+                                  "tensors; refused, since loading them could run code") from err
         raise CheckpointError(
             f"cannot read checkpoint {str(path)!r}: the file is corrupt, truncated or not a "
             f"checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
