@@ -515,16 +515,16 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(_with_option_names_all(str(err)))
     try:
         result = trainer.run()
-    except (TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as err:
-        # Diverged, a full disk, or a file that went bad after the scan: one message, no traceback.
-        print(f"rpnlab train: error: {err}", file=sys.stderr)
-        return 1
         if getattr(args, "digest", False):  # torchrun ... -m rpnlab train --digest
             from rpnlab.engine.train import parameter_digest
 
             path = Path(train_cfg.out_dir) / f"digest-rank{trainer.rank}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(parameter_digest(result.model) + "\n")
+    except (TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as err:
+        # Diverged, a full disk, or a file that went bad after the scan: one message, no traceback.
+        print(f"rpnlab train: error: {err}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     if result.stop_reason == "interrupted":

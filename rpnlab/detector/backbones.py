@@ -266,7 +266,7 @@ def _load_pretrained(backbone: Backbone, name: str, path: Path) -> None:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        if isinstance(err, pickle.UnpicklingError):
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err).upper():
             why = "it holds Python objects besides tensors; refused, since loading them could run code"
         else:
             why = f"corrupt or not a weights file ({type(err).__name__}: {str(err).strip()[:200]})"

@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "first_non_finite",
     "load_checkpoint",
     "load_model",
@@ -47,6 +48,11 @@ class CheckpointError(RuntimeError):
     cannot be written; the message names the file."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (a full disk, no permission); also an ``OSError``, since
+    the cause is the operating system's."""
+
+
 def _os_error(err: BaseException) -> OSError | None:
     """The ``OSError`` behind ``err`` (torch wraps a failed write in a ``RuntimeError``), or None."""
     seen = set()
@@ -58,7 +64,7 @@ def _os_error(err: BaseException) -> OSError | None:
     return None
 
 
-def _write_failure(path: Path, err: BaseException) -> CheckpointError:
+def _write_failure(path: Path, err: BaseException) -> CheckpointWriteError:
     os_err = _os_error(err)
     if os_err is not None and os_err.errno is not None:
         reason = os.strerror(os_err.errno)
@@ -66,8 +72,8 @@ def _write_failure(path: Path, err: BaseException) -> CheckpointError:
         reason = os.strerror(errno.ENOSPC)
     else:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return CheckpointError(f"cannot write checkpoint {str(path)!r}: {reason}; the previous checkpoint "
-                           "(if any) is left as it was")
+    return CheckpointWriteError(f"cannot write checkpoint {str(path)!r}: {reason}; the previous checkpoint "
+                                "(if any) is left as it was")
 
 
 def temp_prefix(path: Path) -> str:
@@ -172,7 +178,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
             KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError) as err:
         # torch.load of a file that is no checkpoint can fail almost any way (KeyError: 101 for
         # plain text): every one of them means "not a checkpoint".
-        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err).upper():
             raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it holds Python objects besides "
                                   "tensors; refused, since loading them could run code") from err
         raise CheckpointError(
