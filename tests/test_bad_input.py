@@ -159,6 +159,7 @@ TRAIN_CASES = [
     (["--pretrained", "{ROOT}/evil.pt"], ("evil.pt", "could run code")),
     (["--pretrained", "{ROOT}/text.pt"], "text.pt"),
     (["--resume", "{ROOT}/evil.pt"], ("evil.pt", "could run code")),
+    (["--resume", "{ROOT}/nan.pt"], ("nan.pt", "not finite")),
     # Several problems: all named in one report.
     (["--weight-decay", "inf", "--lr-steps", "-5", "--momentum", "2", "--out-dir", "{FILE}"],
      ("--weight-decay=inf", "--lr-steps=(-5,)", "--momentum=2", "--out-dir")),

@@ -195,6 +195,26 @@ def test_sigterm_to_a_real_process(tmp_path):
     assert f"at step {step};" in err and temp_files(out) == []
 
 
+@pytest.mark.xdist_group("subprocess")
+def test_ctrl_c_to_the_process_group_with_loader_workers(tmp_path):
+    """Ctrl-C in a terminal signals the whole group, DataLoader workers included: the main process
+    still saves at the current step and exits 130."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rpnlab", "train", "--root", str(tmp_path / "syn"), *TINY,
+                             "--epochs", "500", "--num-workers", "1", "--out-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT at step" in err and "Traceback" not in err
+    assert f"at step {load_checkpoint(out / 'checkpoint.pt')['step']};" in err and temp_files(out) == []
+
+
 def test_divergence_stops_naming_step_loss_and_tensor_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["train", "--root", tmp_path / "syn", *TINY, "--epochs", "1", "--out-dir", out], capsys)[0] == 0

@@ -399,6 +399,10 @@ class Trainer:
         self.resume_state = load_checkpoint(resume, map_location="cpu") if resume is not None else None
         if self.resume_state is not None:
             self._check_resume_configs(self.resume_state, resume)
+            bad = first_non_finite(self.resume_state.get("model"), "model")
+            if bad:
+                raise ValueError(f"cannot resume from {str(resume)!r}: its weights are not finite ({bad} holds NaN "
+                                 "or infinity); use an earlier checkpoint")
 
         seed_everything(train_cfg.seed)
         from rpnlab.detector.model import FasterRCNN
