@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -305,14 +306,41 @@ def configs_from_args(
     if model.pretrained is not None and str(model.pretrained).lower() == "none":
         model.pretrained = None
     sections = _section_defaults(model, data, train)
-    # The stage configs first, so that their errors are named with their own prefixes.
+    # The stage configs first, so that their errors are named with their own prefixes; every
+    # section is checked, so that all bad options are reported at once.
+    problems = []
     for section in ("anchors", "rpn", "roi", "model", "data", "train"):
         cfg = sections[section]
+        if section == "model":
+            cfg = dataclasses.replace(cfg, anchors=AnchorConfig(), rpn=RPNConfig(), roi=RoIConfig())
+        problems += [_with_option_names(section, p) for p in _all_problems(cfg)]
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+    return model, data, train
+
+
+def _all_problems(cfg) -> list[str]:
+    """Every ``validate()`` problem of ``cfg``, not just the first: after each one, the field it
+    names is put back to its default on a copy and validation runs again."""
+    cfg = dataclasses.replace(cfg)
+    default = type(cfg)()
+    names = [f.name for f in dataclasses.fields(cfg)]
+    problems: list[str] = []
+    for _ in range(len(names) + 1):
         try:
             cfg.validate()
+            break
         except ValueError as err:
-            raise ValueError(_with_option_names(section, str(err))) from None
-    return model, data, train
+            message = str(err)
+            problems.append(message)
+            culprits = [n for n in names if re.search(rf"(?<![\w-]){n}(?=[=\[])", message)
+                        and getattr(cfg, n) != getattr(default, n)]
+            if not culprits:
+                break
+            for n in culprits:
+                setattr(cfg, n, getattr(default, n))
+    return problems
 
 
 def _with_option_names(section: str, message: str) -> str:
@@ -364,6 +392,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--evaluate", action="store_true",
                    help="after training, evaluate on the validation split and print mAP")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="train on the good images when the data scan finds bad ones (default: stop before "
+                        "the first step and list them)")
     p.add_argument("--digest", action="store_true",
                    help="every process writes <out-dir>/digest-rank<R>.txt, a SHA-256 of its parameters "
                         "(to check that DDP replicas agree under torchrun)")
@@ -401,6 +432,16 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw and list detections scoring at least this")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
+    p = sub.add_parser("check-data", help="scan a VOC or COCO folder for bad images and annotations",
+                       formatter_class=_Formatter,
+                       description="The quick scan 'rpnlab train' runs before its first step: annotation files, "
+                                   "ids, references and every image's header; lists every problem with its file.")
+    p.add_argument("root", metavar="ROOT", help="the VOC or COCO folder")
+    p.add_argument("--dataset", choices=("auto", "voc", "coco"), default="auto", help="the folder's layout")
+    p.add_argument("--split", nargs="+", default=None,
+                   help="splits to scan (default: the ones present among train, val, test, trainval)")
+    p.add_argument("--no-images", action="store_true", help="check the annotations only")
+
     p = sub.add_parser("run", help="execute the notebook collection headlessly (papermill)",
                        formatter_class=_Formatter)
     p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
@@ -415,6 +456,8 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
                         "each other's outputs")
     _add_executor_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-unknown-parameters", action="store_true",
+                   help="skip (with a warning) a -p NAME that no notebook of the run declares, instead of refusing it")
 
     p = sub.add_parser("sweep", help="execute one notebook over a parameter grid and tabulate its records",
                        formatter_class=_Formatter,
@@ -439,6 +482,8 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
                         "95%% interval and n per setting; the plot shows the intervals")
     p.add_argument("--plot-timings", action="store_true", help="also plot metrics that are durations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-unknown-parameters", action="store_true",
+                   help="skip (with a warning) a -p NAME the notebook does not declare, instead of refusing it")
     return parser
 
 
@@ -464,14 +509,37 @@ def _fmt(x: float) -> str:
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rpnlab.engine.train import Trainer, evaluate
+    from rpnlab.engine.checkpoint import CheckpointError
+    from rpnlab.engine.train import Trainer, TrainingDiverged, evaluate
 
-    # Bad options, a missing device or an unreadable checkpoint: one line, exit 2, no traceback.
+    # Bad options, paths, data, a missing device or an unreadable checkpoint: every problem found,
+    # exit 2, no traceback, before any training step.
+    problems = _check_in_file(args.resume, "--resume", "checkpoint file") if args.resume else []
+    if args.resume and problems:
+        _refuse(parser, problems)
     try:
         model_cfg, data_cfg, train_cfg = configs_from_args(args)
-        trainer = Trainer(model_cfg, data_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        parser.error(str(err))
+        problems.append(str(err))
+        model_cfg = data_cfg = train_cfg = None
+        if getattr(args, "cfg__train__out_dir", None):  # still name a bad --out-dir in the same report
+            problems += _check_out_dir(args.cfg__train__out_dir, "--out-dir")
+    if train_cfg is not None:
+        problems += _check_out_dir(train_cfg.out_dir, "--out-dir")
+        problems += _check_pretrained(model_cfg.pretrained)
+        problems += _check_data_root(data_cfg)
+    _refuse(parser, problems)
+    try:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = Trainer(model_cfg, data_cfg, train_cfg, resume=args.resume, progress=not args.no_progress,
+                              skip_bad_images=args.skip_bad_images)
+        for w in caught:  # re-planned schedule, skipped images: one line each, no source excerpt
+            print(f"rpnlab train: warning: {w.message}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        parser.error(_with_option_names_all(str(err)))
     try:
         result = trainer.run()
         if getattr(args, "digest", False):  # torchrun ... -m rpnlab train --digest
@@ -480,10 +548,25 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             path = Path(train_cfg.out_dir) / f"digest-rank{trainer.rank}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(parameter_digest(result.model) + "\n")
+    except (TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as err:
+        # Diverged, a full disk, or a file that went bad after the scan: one message, no traceback.
+        print(f"rpnlab train: error: {err}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
+    if result.stop_reason == "interrupted":
+        import signal
+
+        code = 128 + int(result.extra["signal"])
+        if trainer.rank == 0:
+            name = signal.Signals(result.extra["signal"]).name
+            print(f"rpnlab train: interrupted by {name} at step {trainer.step}; checkpoint saved: "
+                  f"{result.checkpoint} (continue with --resume {result.checkpoint})", file=sys.stderr)
+        return code
     if trainer.rank != 0:
         return 0
+    if result.extra.get("stale_temp_files_removed"):
+        print(f"removed {len(result.extra['stale_temp_files_removed'])} temp file(s) of an interrupted save")
     last = result.history[-1] if result.history else {}
     print(f"{result.stop_reason}: {result.iterations} iterations in {result.seconds:.1f} s "
           f"({result.images_per_second:.1f} images/s); final total loss {last.get('total', float('nan')):.4f}")
@@ -498,15 +581,38 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.data import build_dataset
+    from rpnlab.data.checks import format_problems, scan_dataset
     from rpnlab.engine.checkpoint import load_model
+    from rpnlab.engine.devices import resolve_device
     from rpnlab.engine.evaluation import per_class_ap_table
     from rpnlab.engine.train import evaluate
 
+    problems = _check_in_file(args.checkpoint, "--checkpoint", "checkpoint file")
+    if args.json:
+        problems += _check_out_file(args.json, "--json")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
     try:
-        model_cfg, data_cfg, _ = checkpoint_configs(args.checkpoint)
-        _, data_cfg, _ = configs_from_args(args, base=(model_cfg, data_cfg, TrainConfig()))
-        from rpnlab.engine.devices import resolve_device
-
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        problems.append(f"--device={args.device!r}: {err}")
+    data_cfg = None
+    if not problems:
+        try:
+            model_cfg, data_cfg, _ = checkpoint_configs(args.checkpoint)
+            _, data_cfg, _ = configs_from_args(args, base=(model_cfg, data_cfg, TrainConfig()))
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            problems.append(str(err))
+    if data_cfg is not None:
+        problems += _check_data_root(data_cfg)
+        if data_cfg.dataset == "synthetic" and args.split not in ("train", "val", "test"):
+            problems.append(f"--split={args.split!r} is invalid for the synthetic data: expected train, val or test")
+        elif not problems:
+            found = scan_dataset(data_cfg, args.split)
+            if found:
+                problems.append(f"{len(found)} problem(s) in the {args.split} data:\n{format_problems(found)}")
+    _refuse(parser, problems)
+    try:
         device = resolve_device(args.device)
         model = load_model(args.checkpoint, map_location=device)
         dataset = build_dataset(data_cfg, args.split, train=False)
@@ -536,8 +642,7 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             "coco": {k: v for k, v in metrics["coco"].items() if k != "summary"},
             "proposal_recall": {k: recall[k] for k in ("num_proposals", "recall_50", "recall_70", "average_recall")},
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+        _write_text_atomic(Path(args.json), json.dumps(_jsonable(summary), indent=2) + "\n")
         print(f"\nmetrics written to {args.json}")
     return 0
 
@@ -546,26 +651,50 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     import torch
 
     from rpnlab.data import load_image
+    from rpnlab.data.checks import check_image_file
     from rpnlab.data.transforms import ResizeShortestSide
     from rpnlab.engine.checkpoint import load_model
     from rpnlab.engine.devices import resolve_device
 
+    problems = _check_in_file(args.checkpoint, "--checkpoint", "checkpoint file") + _check_out_dir(args.out, "--out")
+    if not (math.isfinite(args.score_thresh) and 0 <= args.score_thresh <= 1):
+        problems.append(f"--score-thresh={args.score_thresh} is invalid: expected a score in [0, 1]")
+    missing = [p for p in args.images if not Path(p).exists()]
+    if missing and len(missing) == len(args.images):
+        problems.append(f"image file(s) not found: {', '.join(missing)}")
+    stems = [Path(p).stem for p in args.images]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        problems.append(f"several images share the name(s) {', '.join(clashes)}: their drawings would overwrite "
+                        "each other in --out")
     try:
         device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        problems.append(f"--device={args.device!r}: {err}")
+    _refuse(parser, problems)
+    try:
         model = load_model(args.checkpoint, map_location=device)
         _, data_cfg, _ = checkpoint_configs(args.checkpoint)
-        missing = [p for p in args.images if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = _class_names(data_cfg, model.num_classes)
     resize = ResizeShortestSide(data_cfg.min_size, data_cfg.max_size)
-    results = []
+    results, failed = [], []
     for path in args.images:
-        image = load_image(path)  # (3, H, W) in [0, 1]
+        # A bad image is reported and skipped; the others are still processed and written.
+        problem = check_image_file(path)
+        image = None
+        if problem is None:
+            try:
+                image = load_image(path)  # (3, H, W) in [0, 1]
+            except (ValueError, OSError) as err:
+                problem = str(err).replace(f"{path}: ", "")
+        if problem is not None:
+            failed.append({"image": str(path), "error": problem})
+            print(f"{path}: skipped: {problem}", file=sys.stderr)
+            continue
         h, w = image.shape[-2:]
         resized, _ = resize(image, {"boxes": torch.zeros(0, 4)})
         det = model.predict([resized.to(device)], score_thresh=args.score_thresh)[0]
@@ -585,9 +714,68 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         target = out / (Path(path).stem + ".png")
         _draw(image, entry["detections"], target)
         print(f"{path}: {len(entry['detections'])} detection(s) -> {target}")
-    (out / "detections.json").write_text(json.dumps(results, indent=2) + "\n")
+    payload = results if not failed else {"images": results, "failed": failed}
+    _write_text_atomic(out / "detections.json", json.dumps(payload, indent=2) + "\n")
     print(f"detections written to {out / 'detections.json'}")
+    if failed:
+        print(f"rpnlab predict: error: {len(failed)} of {len(args.images)} image(s) could not be read: "
+              + ", ".join(f["image"] for f in failed), file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file and a rename: readers never see half a file."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_check_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rpnlab.data.build import coco_paths
+    from rpnlab.data.checks import detect_format, format_problems, scan_dataset
+
+    root = Path(args.root)
+    if not root.is_dir():
+        parser.error(f"ROOT={str(root)!r}: {'no such folder' if not root.exists() else 'is a file, expected a folder'}")
+    try:
+        kind = detect_format(root) if args.dataset == "auto" else args.dataset
+    except ValueError as err:
+        parser.error(str(err))
+    cfg = DataConfig(dataset=kind, root=str(root))
+    splits = args.split
+    if splits is None:
+        splits = []
+        for split in ("train", "val", "test", "trainval"):
+            if kind == "coco":
+                try:
+                    coco_paths(root, split)
+                    splits.append(split)
+                except FileNotFoundError:
+                    pass
+            elif any((p / "ImageSets" / "Main" / f"{split}.txt").is_file()
+                     for p in [root, *root.glob("VOC*"), *root.glob("VOCdevkit/VOC*")]):
+                splits.append(split)
+        if not splits:
+            parser.error(f"ROOT={str(root)!r}: no split found (train, val, test or trainval)")
+    total = 0
+    for split in splits:
+        problems = scan_dataset(cfg, split, images=not args.no_images)
+        total += len(problems)
+        if problems:
+            print(f"{kind} {split}: {len(problems)} problem(s)\n{format_problems(problems, limit=1000)}")
+        else:
+            print(f"{kind} {split}: ok")
+    return 1 if total else 0
 
 
 def _class_names(data_cfg: DataConfig, num_classes: int) -> list[str]:
@@ -626,24 +814,115 @@ def _draw(image, detections: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _refuse(parser: argparse.ArgumentParser, problems: Sequence[str]) -> None:
+    """Exit 2 with every problem found, one per line, before any work."""
+    if problems:
+        parser.error(problems[0] if len(problems) == 1 else
+                     f"{len(problems)} problems:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+
+
+def _writable_dir_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created or written into, or None."""
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            return f"{str(probe)!r} is a broken link"
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{str(probe)!r} is not writable"
+    return None
+
+
+def _check_out_dir(path: str | os.PathLike, option: str) -> list[str]:
+    """Problems with an output folder: a file in its place, or no permission to create/write it."""
+    problem = _writable_dir_problem(Path(path))
+    return [f"{option}={str(path)!r}: {problem}"] if problem else []
+
+
+def _check_out_file(path: str | os.PathLike, option: str) -> list[str]:
+    """Problems with an output file: a folder in its place, or a folder that cannot hold it."""
+    path = Path(path)
+    if path.is_dir():
+        return [f"{option}={str(path)!r} is a folder, expected a file path"]
+    if path.exists() and not os.access(path, os.W_OK):
+        return [f"{option}={str(path)!r} is not writable"]
+    problem = _writable_dir_problem(path.parent)
+    return [f"{option}={str(path)!r}: {problem}"] if problem else []
+
+
+def _check_in_file(path: str | os.PathLike, option: str, what: str = "file") -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        return [f"{what} not found: {str(path)!r} ({option})"]
+    if path.is_dir():
+        return [f"{option}={str(path)!r} is a folder, expected a file"]
+    if not os.access(path, os.R_OK):
+        return [f"{option}={str(path)!r} is not readable"]
+    return []
+
+
+def _with_option_names_all(message: str) -> str:
+    """Name config fields in a message by their train options (``out_dir=`` -> ``--out-dir=``)."""
+    for section in ("train", "data", "model"):
+        message = _with_option_names(section, message)
+    return message
+
+
+def _check_pretrained(pretrained: str | None) -> list[str]:
+    if pretrained is None or str(pretrained).lower() in ("none", "cache"):
+        return []
+    return _check_in_file(pretrained, "--pretrained")
+
+
+def _check_data_root(data_cfg: DataConfig) -> list[str]:
+    if data_cfg.dataset == "synthetic" or not data_cfg.root:
+        return []
+    root = Path(data_cfg.root)
+    if not root.exists():
+        return [f"--root={str(root)!r}: no such folder (the {data_cfg.dataset} data)"]
+    if not root.is_dir():
+        return [f"--root={str(root)!r} is a file, expected the {data_cfg.dataset} folder"]
+    return []
+
+
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.lab import runner
 
     parameters = {name: parse_value(value) for name, value in args.parameter}
-    _check_executor_arguments(args, parser)
-    result = runner.run_collection(notebooks=args.notebooks or None, parameters=parameters or None,
+    problems = _check_out_dir(args.out, "--out") if args.out else []
+    problems += _executor_problems(args)
+    try:
+        paths = [runner.resolve_notebook(n) for n in args.notebooks] if args.notebooks else runner.list_notebooks()
+    except FileNotFoundError as err:
+        problems.append(str(err))
+        paths = []
+    if paths:
+        try:
+            runner.check_collection_parameters(paths, parameters, args.smoke,
+                                               allow_unknown=args.allow_unknown_parameters)
+        except runner.ParameterError as err:
+            problems.append(str(err).strip())
+    _refuse(parser, problems)
+    result = runner.run_collection(notebooks=[str(p) for p in paths] or None, parameters=parameters or None,
                                    out_dir=args.out, smoke=args.smoke, progress=not args.no_progress,
-                                   executor=args.executor, scheduler=args.scheduler, parallel=args.parallel)
+                                   executor=args.executor, scheduler=args.scheduler, parallel=args.parallel,
+                                   allow_unknown_parameters=args.allow_unknown_parameters)
     return _exit_status(sum(r["status"] != "ok" for r in result.rows), len(result.rows), "notebooks")
 
 
-def _check_executor_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _executor_problems(args: argparse.Namespace) -> list[str]:
+    problems = []
     if args.executor == "dask" and not args.scheduler:
-        parser.error("--executor dask needs --scheduler tcp://HOST:PORT (the Dask scheduler's address)")
+        problems.append("--executor dask needs --scheduler tcp://HOST:PORT (the Dask scheduler's address)")
     if args.executor != "dask" and args.scheduler:
-        parser.error("--scheduler is for --executor dask")
+        problems.append("--scheduler is for --executor dask")
     if args.parallel < 1:
-        parser.error(f"--parallel must be at least 1, got {args.parallel}")
+        problems.append(f"--parallel={args.parallel} is invalid: expected a positive number of workers")
+    return problems
 
 
 def _exit_status(failed: int, total: int, what: str) -> int:
@@ -654,7 +933,7 @@ def _exit_status(failed: int, total: int, what: str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rpnlab.lab import sweeps
+    from rpnlab.lab import runner, sweeps
 
     grid, base = {}, {}
     for entry in args.parameter:
@@ -665,20 +944,43 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             base[name] = values[0]
         else:
             grid[name] = values
+    problems = []
     if not grid:
-        parser.error("sweep needs at least one -p NAME VALUE VALUE ... with two or more values to sweep over")
-    _check_executor_arguments(args, parser)
+        problems.append("sweep needs at least one -p NAME VALUE VALUE ... with two or more values to sweep over")
+    problems += _executor_problems(args)
     if args.aggregate is not None and args.aggregate not in grid:
-        parser.error(f"--aggregate {args.aggregate}: not a swept parameter (swept: {', '.join(grid)}); "
-                     f"give it two or more values, e.g. -p {args.aggregate} 0 1 2")
+        problems.append(f"--aggregate {args.aggregate}: not a swept parameter (swept: {', '.join(grid) or 'none'}); "
+                        f"give it two or more values, e.g. -p {args.aggregate} 0 1 2")
     try:
         shard = sweeps.parse_shard(args.shard)
     except ValueError as exc:
-        parser.error(f"--shard: {exc}")
-    result = sweeps.sweep(args.notebook, grid, out_dir=args.out, parallel=args.parallel,
+        problems.append(f"--shard: {exc}")
+        shard = None
+    if args.out:
+        problems += _check_out_dir(args.out, "--out")
+    try:
+        path = runner.resolve_notebook(args.notebook)
+    except FileNotFoundError as err:
+        problems.append(str(err))
+        path = None
+    if path is not None and grid:
+        declared = runner.notebook_parameters(path)
+        names = list(base) + list(grid)
+        try:
+            runner.select_parameters(path, {**base, **{k: v[0] for k, v in grid.items()}}, args.smoke, declared,
+                                     warn=False, allow_unknown=args.allow_unknown_parameters)
+        except runner.ParameterError as err:
+            problems.append(str(err).strip())
+        problems += [f"{path.stem}: {problem}" for name in names if name in declared
+                     for v in grid.get(name, [base.get(name)])
+                     for _, problem in [runner.check_parameter_value(name, v, declared[name])]
+                     if problem and problem not in " ".join(problems)]
+    _refuse(parser, problems)
+    result = sweeps.sweep(path, grid, out_dir=args.out, parallel=args.parallel,
                           base_parameters=base or None, smoke=args.smoke, progress=not args.no_progress,
                           executor=args.executor, scheduler=args.scheduler, shard=shard, force=args.force,
-                          aggregate=args.aggregate, plot_timings=args.plot_timings)
+                          aggregate=args.aggregate, plot_timings=args.plot_timings,
+                          allow_unknown_parameters=args.allow_unknown_parameters)
     print(f"table: {result.table_path}")
     if result.aggregate_path is not None:
         print(f"aggregate: {result.aggregate_path}")
@@ -716,7 +1018,8 @@ def cmd_sweep_collect(argv: Sequence[str]) -> int:
     return _exit_status(result.failed, len(result.rows), "points (failed or missing)")
 
 
-_COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "run": cmd_run, "sweep": cmd_sweep}
+_COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "check-data": cmd_check_data,
+             "run": cmd_run, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -726,7 +1029,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_sweep_collect(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    return _COMMANDS[args.command](args, parser)
+    try:
+        return _COMMANDS[args.command](args, parser)
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (setup, evaluation, notebooks)
+        print(f"rpnlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -37,6 +37,19 @@ def _positive_numbers(name: str, values: Any) -> None:
             _fail(name, values, "a non-empty sequence of positive numbers")
 
 
+def _all_finite(cfg: Any) -> None:
+    """Every number field of ``cfg`` is finite; else one
+    ``ValueError`` naming every field holding NaN or infinity (``--weight-decay inf`` must not train)."""
+    bad = []
+    for f in dataclasses.fields(cfg):  # numbers; tuples of numbers are checked by each validate()
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{f.name}={value!r}")
+    if bad:
+        verb = "is" if len(bad) == 1 else "are"
+        raise ValueError(f"{', '.join(bad)} {verb} invalid: expected finite numbers (not NaN or infinity)")
+
+
 def _fraction(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0 < value <= 1):
         _fail(name, value, "a fraction in (0, 1]")
@@ -95,6 +108,7 @@ class AnchorConfig:
         return anchors_per_location(self.sizes, self.aspect_ratios)
 
     def validate(self) -> AnchorConfig:
+        _all_finite(self)
         if len(self.sizes) == 0:
             _fail("sizes", self.sizes, "at least one level of sizes")
         for level, s in enumerate(self.sizes):
@@ -138,6 +152,7 @@ class RPNConfig:
     proposal_mode: str = "nms"  # "nms" or "top" (tf-faster-rcnn's top-k without NMS)
 
     def validate(self) -> RPNConfig:
+        _all_finite(self)
         _positive_int("conv_channels", self.conv_channels)
         _choice("objectness", self.objectness, ("sigmoid", "softmax"))
         _iou("fg_iou_thresh", self.fg_iou_thresh)
@@ -193,6 +208,7 @@ class RoIConfig:
     detections_per_img: int = 100
 
     def validate(self) -> RoIConfig:
+        _all_finite(self)
         _iou("fg_iou_thresh", self.fg_iou_thresh)
         _iou("bg_iou_thresh_high", self.bg_iou_thresh_high)
         _iou("bg_iou_thresh_low", self.bg_iou_thresh_low)
@@ -233,6 +249,7 @@ class ModelConfig:
     roi: RoIConfig = field(default_factory=RoIConfig)
 
     def validate(self) -> ModelConfig:
+        _all_finite(self)
         _positive_int("num_classes", self.num_classes)
         _choice("backbone", self.backbone, ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"))
         self.anchors.validate()
@@ -257,6 +274,7 @@ class DataConfig:
     hflip_prob: float = 0.5
 
     def validate(self) -> DataConfig:
+        _all_finite(self)
         _choice("dataset", self.dataset, ("synthetic", "voc", "coco"))
         if self.dataset != "synthetic" and not self.root:
             _fail("root", self.root, f"the path of the {self.dataset} folder")
@@ -295,6 +313,7 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop after this many seconds of training
 
     def validate(self) -> TrainConfig:
+        _all_finite(self)
         _choice("schedule", self.schedule, ("joint", "alternating", "rpn"))
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
@@ -306,6 +325,10 @@ class TrainConfig:
             _fail("weight_decay", self.weight_decay, "a number >= 0")
         _positive_int("warmup_iters", self.warmup_iters, allow_zero=True)
         _choice("lr_schedule", self.lr_schedule, ("cosine", "step"))
+        if not all(isinstance(e, int) and not isinstance(e, bool) and 0 < e for e in self.lr_steps):
+            _fail("lr_steps", self.lr_steps, "epochs >= 1 (when the step schedule divides the learning rate)")
+        if list(self.lr_steps) != sorted(set(self.lr_steps)):
+            _fail("lr_steps", self.lr_steps, "increasing epochs, each once")
         _choice("amp", self.amp, ("off", "bf16", "fp16"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or str(self.device).startswith("cuda:")):
             _fail("device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")

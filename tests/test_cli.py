@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,14 +240,16 @@ def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
     monkeypatch.setattr(runner, "run_collection", lambda **kw: calls.setdefault("run", kw) and Result())
     monkeypatch.setattr(sweeps, "sweep", lambda notebook, grid, **kw: calls.setdefault("sweep", (notebook, grid, kw))
                         and Result())
-    assert cli.main(["run", "01", "02", "-p", "lr", "0.1", "-p", "device", "cpu", "-p", "sizes", "[16, 32]",
-                     "--smoke", "--out", "runs/x"]) == 0
-    assert calls["run"]["notebooks"] == ["01", "02"]
+    with pytest.warns(runner.ParameterWarning, match="lr, sizes"):
+        assert cli.main(["run", "01", "02", "-p", "lr", "0.1", "-p", "device", "cpu", "-p", "sizes", "[16, 32]",
+                         "--smoke", "--out", "runs/x", "--allow-unknown-parameters"]) == 0
+    assert [Path(n).stem for n in calls["run"]["notebooks"]] == ["01_anchors", "02_box_coding"]
+    assert calls["run"]["allow_unknown_parameters"] is True
     assert calls["run"]["parameters"] == {"lr": 0.1, "device": "cpu", "sizes": [16, 32]}
     assert calls["run"]["smoke"] is True and calls["run"]["out_dir"] == "runs/x"
     assert cli.main(["sweep", "03", "-p", "anchor_stride", "8", "16", "-p", "device", "cpu", "--parallel", "2"]) == 0
     notebook, grid, kw = calls["sweep"]
-    assert notebook == "03" and grid == {"anchor_stride": [8, 16]}
+    assert Path(notebook).stem == "03_matching_sampling" and grid == {"anchor_stride": [8, 16]}
     assert kw["base_parameters"] == {"device": "cpu"} and kw["parallel"] == 2
     assert kw["executor"] == "local" and kw["shard"] is None and kw["aggregate"] is None
 

@@ -113,11 +113,25 @@ def test_resolve_notebook_forms(tmp_path):
 def test_select_parameters_warns_and_skips_unknown(tmp_path):
     nb = make_notebook(tmp_path, "a", "pass")
     with pytest.warns(runner.ParameterWarning, match="nope"):
-        accepted, unknown = runner.select_parameters(nb, {"x": 3, "nope": 1}, smoke=True)
+        accepted, unknown = runner.select_parameters(nb, {"x": 3, "nope": 1}, smoke=True, allow_unknown=True)
     assert accepted == {"x": 3, "smoke": True} and unknown == ["nope"]
     nb2 = make_notebook(tmp_path, "b", "pass", params="x: int = 1  # x")
     accepted, unknown = runner.select_parameters(nb2, {}, smoke=True)  # no smoke declared: no warning
     assert accepted == {} and unknown == []
+
+
+def test_select_parameters_refuses_unknown_and_ill_typed(tmp_path):
+    nb = make_notebook(tmp_path, "a", "pass", params=PARAMS + "\nsizes: list = [16, 32]  # sizes")
+    with pytest.raises(runner.ParameterError, match="'nope'.*declared: x, smoke, record_path, sizes"):
+        runner.select_parameters(nb, {"nope": 1})
+    with pytest.raises(runner.ParameterError, match="did you mean 'sizes'"):
+        runner.select_parameters(nb, {"size": [1]})
+    with pytest.raises(runner.ParameterError, match="x='abc': expected an integer"):
+        runner.select_parameters(nb, {"x": "abc"})
+    with pytest.raises(runner.ParameterError, match=r"sizes=32: expected a list.*\[32\]"):
+        runner.select_parameters(nb, {"sizes": 32})
+    accepted, _ = runner.select_parameters(nb, {"x": 4.0, "record_path": 7, "sizes": [8]})
+    assert accepted == {"x": 4, "record_path": "7", "sizes": [8]}
 
 
 def test_parse_parameter():
@@ -145,7 +159,7 @@ def test_run_collection_reports_failure_and_goes_on(tmp_path):
     out = tmp_path / "run"
     with pytest.warns(runner.ParameterWarning, match="unknown_one"):
         result = runner.run_collection([bad, good], parameters={"x": 5, "unknown_one": 1},
-                                       out_dir=out, smoke=True, progress=False)
+                                       out_dir=out, smoke=True, progress=False, allow_unknown_parameters=True)
     assert not result.ok
     by_name = {r["notebook"]: r for r in result.rows}
     failed = by_name["00_bad"]
@@ -173,7 +187,7 @@ def test_sweep_table_and_plot(tmp_path):
     nb = make_notebook(tmp_path, "03_sweepme", RECORD)
     with pytest.warns(runner.ParameterWarning, match="not_there"):
         result = sweeps.sweep(nb, {"x": [3, 1, 2]}, out_dir=tmp_path / "sw", parallel=2,
-                              base_parameters={"not_there": 1}, progress=False)
+                              base_parameters={"not_there": 1}, progress=False, allow_unknown_parameters=True)
     assert result.ok
     with result.table_path.open() as f:
         rows = list(csv.DictReader(f))

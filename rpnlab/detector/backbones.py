@@ -25,6 +25,7 @@ images) and the first blocks are frozen, as in the paper and torchvision.
 from __future__ import annotations
 
 import os
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -262,7 +263,14 @@ def _backbone_state_dict(backbone: Backbone, loaded: dict) -> dict[str, Tensor]:
 
 
 def _load_pretrained(backbone: Backbone, name: str, path: Path) -> None:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err).upper():
+            why = "it holds Python objects besides tensors; refused, since loading them could run code"
+        else:
+            why = f"corrupt or not a weights file ({type(err).__name__}: {str(err).strip()[:200]})"
+        raise ValueError(f"weights file {str(path)!r} cannot be read: {why}") from err
     if not isinstance(loaded, dict):
         raise TypeError(f"weights file {str(path)!r} holds a {type(loaded).__name__}, expected a state dict")
     state = _backbone_state_dict(backbone, loaded)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from rpnlab.detector import checks as _checks
+
 __all__ = [
     "DEFAULT_BBOX_CLAMP",
     "BoxCoder",
@@ -76,6 +78,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Intersection over union of every pair: ``boxes1: (N, 4)``, ``boxes2: (M, 4)`` -> ``(N, M)``.
 
     Where the union is zero (two zero-area boxes) the IoU is 0, not NaN (torchvision gives NaN there).
+    A pair with a NaN coordinate gets NaN, never a plausible 0. This sits in the matching hot
+    path, so values are checked only with value checks on (``rpnlab.detector.checks``): then a
+    NaN/inf box is a ``ValueError`` naming ``boxes1`` or ``boxes2``.
     """
     check_boxes(boxes1, "boxes1", values=False)
     check_boxes(boxes2, "boxes2", values=False)
@@ -83,8 +88,13 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         raise ValueError(
             f"box_iou expects boxes1 (N, 4) and boxes2 (M, 4); got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
         )
+    if _checks._enabled:
+        _checks.check_finite(boxes1, "boxes1")
+        _checks.check_finite(boxes2, "boxes2")
     inter, union = _inter_union(boxes1, boxes2)
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+    # union >= 0, so "== 0" picks the same pairs as "not > 0" did, except NaN: a NaN box's IoU
+    # stays NaN instead of a plausible 0, at no extra cost.
+    return torch.where(union == 0, torch.zeros_like(inter), inter / union.clamp(min=torch.finfo(inter.dtype).tiny))
 
 
 def box_iou_chunks(boxes1: Tensor, boxes2: Tensor, chunk_size: int = 65536) -> Iterator[tuple[int, Tensor]]:

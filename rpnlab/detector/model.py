@@ -216,7 +216,7 @@ class FasterRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode (call model.eval() to predict)")
         if targets is not None:
-            targets = [self._check_target(t, i) for i, t in enumerate(targets)]
+            targets = [self._check_target(t, i, self.num_classes) for i, t in enumerate(targets)]
         x, image_sizes = self.prepare_images(images)
         if targets is not None and len(targets) != x.shape[0]:
             raise ValueError(f"targets has {len(targets)} entries for a batch of {x.shape[0]} images")
@@ -259,8 +259,9 @@ class FasterRCNN(nn.Module):
         return (output, inter) if return_intermediates else output
 
     @staticmethod
-    def _check_target(target: dict, index: int) -> dict:
+    def _check_target(target: dict, index: int, num_classes: int) -> dict:
         from rpnlab.detector.boxes import check_boxes
+        from rpnlab.detector.checks import check_finite, check_labels
 
         if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
             raise ValueError(f"targets[{index}] must be a dict with 'boxes' (M, 4) and 'labels' (M,)")
@@ -269,6 +270,10 @@ class FasterRCNN(nn.Module):
         if labels.dim() != 1 or labels.shape[0] != target["boxes"].shape[0]:
             raise ValueError(f"targets[{index}]['labels'] must have shape ({target['boxes'].shape[0]},), "
                              f"got {tuple(labels.shape)}")
+        # Values (CPU, or with value checks on; see rpnlab.detector.checks): a label past C fails
+        # deep in the loss ("Target 7 is out of bounds"), a NaN box trains on garbage.
+        check_finite(target["boxes"], f"targets[{index}]['boxes']")
+        check_labels(labels, f"targets[{index}]['labels']", 1, num_classes)
         return target
 
     @torch.no_grad()

@@ -26,7 +26,9 @@ import torchvision
 from torch import Tensor, nn
 
 from rpnlab.config import RPNConfig
+from rpnlab.detector import checks as _checks
 from rpnlab.detector.boxes import BoxCoder, box_iou, check_boxes, clip_boxes, remove_small_boxes
+from rpnlab.detector.checks import check_finite, check_threshold
 
 __all__ = ["ProposalLayer", "batched_nms", "nms"]
 
@@ -60,8 +62,11 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, chunk_size: int = 1
     Args:
         boxes: ``(N, 4)``; scores: ``(N,)``.
         iou_threshold: a box is suppressed when its IoU with a kept box is strictly above this;
-            ``1`` keeps everything, ``0`` suppresses any overlap.
+            ``1`` keeps everything, ``0`` suppresses any overlap; outside [0, 1] is a ``ValueError``.
         chunk_size: rows of the IoU matrix computed at a time (bounds the float memory).
+
+    Values checked (CPU, or with ``rpnlab.detector.checks`` value checks on): NaN/inf ``boxes`` or
+    ``scores`` are a ``ValueError`` naming the argument (a NaN score would sort anywhere).
     Returns:
         ``keep: (K,)`` int64 indices into ``boxes``, by decreasing score.
 
@@ -72,6 +77,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, chunk_size: int = 1
     boxes (the upper triangle), so memory stays at ``chunk_size x N`` floats.
     """
     _check_nms_inputs(boxes, scores)
+    check_threshold(iou_threshold, "iou_threshold")
+    check_finite(boxes, "boxes")
+    check_finite(scores, "scores")
     n = boxes.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
@@ -112,12 +120,19 @@ def batched_nms(
             also separates groups whose boxes have negative coordinates.
     Returns:
         int64 indices by decreasing score.
+
+    ``iou_threshold`` outside [0, 1] is a ``ValueError``. This runs in the model's hot path, so
+    values (NaN/inf boxes or scores) are checked only with value checks on (``rpnlab.detector.checks``).
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be 'torchvision' or 'python', got {implementation!r}"
         )
     _check_nms_inputs(boxes, scores)
+    check_threshold(iou_threshold, "iou_threshold")
+    if _checks._enabled:
+        check_finite(boxes, "boxes")
+        check_finite(scores, "scores")
     if idxs.shape != scores.shape:
         raise ValueError(
             f"idxs must have shape {tuple(scores.shape)} to match scores, got {tuple(idxs.shape)}"

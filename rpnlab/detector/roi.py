@@ -41,6 +41,7 @@ import torchvision
 from torch import Tensor, nn
 
 from rpnlab.detector.boxes import box_area, check_boxes
+from rpnlab.detector.checks import check_finite, values_checked
 
 __all__ = [
     "RoIPooler",
@@ -78,6 +79,18 @@ def _check_input(input: Tensor) -> None:
         raise ValueError(f"input must be a floating-point (N, C, H, W) tensor, got {input.dtype} {tuple(input.shape)}")
     if input.shape[-2] == 0 or input.shape[-1] == 0:
         raise ValueError(f"input must have a non-empty feature map, got {tuple(input.shape)}")
+
+
+def _check_rois(rois: Tensor, batch: int) -> None:
+    """NaN/inf coordinates or a batch index outside ``0..batch-1`` are a ``ValueError`` naming
+    ``boxes`` (an index out of range used to surface as "INDICES element is out of DATA bounds").
+    Values checked: CPU, or with ``rpnlab.detector.checks`` value checks on (no GPU sync otherwise)."""
+    if rois.numel() and values_checked(rois):
+        check_finite(rois[:, 1:], "boxes")
+        idx = rois[:, 0]
+        if bool(((idx < 0) | (idx >= batch) | (idx != idx.round())).any()):
+            bad = idx[(idx < 0) | (idx >= batch) | (idx != idx.round())][0].item()
+            raise ValueError(f"boxes has batch index {bad:g}, expected an integer in 0..{batch - 1}")
 
 
 def boxes_to_rois(boxes: Tensor | Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
@@ -165,6 +178,7 @@ def roi_pool(
     _check_input(input)
     out_h, out_w = _output_size(output_size)
     rois = boxes_to_rois(boxes, input.dtype).detach()
+    _check_rois(rois, input.shape[0])
     _, _, height, width = input.shape
 
     batch_idx = rois[:, 0].long()
@@ -310,6 +324,7 @@ def roi_align(
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     rois = boxes_to_rois(boxes, input.dtype).detach()
+    _check_rois(rois, input.shape[0])
     offset = 0.5 if aligned else 0.0
     starts = rois[:, 1:3] * spatial_scale - offset  # (K, 2): x1, y1 in cells
     sizes = (rois[:, 3:5] * spatial_scale - offset) - starts  # (K, 2): width, height
@@ -372,6 +387,7 @@ def crop_and_resize_pool(
     _check_input(input)
     out_h, out_w = _output_size(output_size)
     rois = boxes_to_rois(boxes, input.dtype).detach()
+    _check_rois(rois, input.shape[0])
     height, width = input.shape[-2:]
     x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale).unbind(1)
 

@@ -20,6 +20,19 @@ Schedules (``TrainConfig.schedule``):
 Resuming restores the model, optimiser, scheduler, AMP scaler, step, epoch and every RNG, and the
 data order of each epoch is a function of ``(seed, epoch)`` alone, so a run interrupted and resumed
 gives the same loss curve as one that never stopped (exactly, on the CPU with ``num_workers=0``).
+A finished run resumed with a larger ``epochs`` (joint or RPN-only schedule) continues: its
+learning-rate schedule is re-planned over the new length, and a warning says so.
+
+Reliability: no bad state is saved and no work is lost.
+
+- Each iteration checks the losses and the gradient norm in the one host sync it already had;
+  a non-finite value stops the run (``TrainingDiverged``) before the optimiser step, naming the
+  step, the loss and the first non-finite tensor. Before every checkpoint save the parameters
+  and optimiser state must be finite and every parameter below ``PARAMETER_LIMIT`` in magnitude;
+  otherwise the run stops the same way and the last checkpoint (finite) stays as it was.
+- SIGINT / SIGTERM (Ctrl-C, ``kill``) finish the current iteration, save a checkpoint at that
+  step and return with ``stop_reason="interrupted"`` (``result.extra["signal"]``); a second
+  signal interrupts at once. Temp files of a save that was killed are removed at the next start.
 
 Longer than 500 lines because the three schedules (joint, 4-step, RPN-only) share one loop, one
 optimiser plan and one checkpoint format; splitting them would hide what they share.
@@ -30,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,10 +58,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from rpnlab.config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from rpnlab.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from rpnlab.engine.checkpoint import (
+    first_non_finite,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from rpnlab.engine.devices import resolve_device, seed_everything
 
 __all__ = [
+    "PARAMETER_LIMIT",
     "ROI_LOSSES",
     "RPN_LOSSES",
     "EpochSampler",
@@ -54,6 +77,7 @@ __all__ = [
     "Stage",
     "TrainResult",
     "Trainer",
+    "TrainingDiverged",
     "evaluate",
     "lr_factor",
     "parameter_digest",
@@ -65,6 +89,9 @@ __all__ = [
 RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
 ROI_LOSSES = ("loss_classifier", "loss_box_reg")
 CHECKPOINT_NAME = "checkpoint.pt"
+#: A parameter larger than this in magnitude means the run has diverged (weight decay keeps a
+#: healthy detector's weights near 1; lr 1e6 gave 1e21): such weights are never saved.
+PARAMETER_LIMIT = 1e6
 
 
 def synthetic_train_config(**overrides: Any) -> TrainConfig:
@@ -251,7 +278,8 @@ class TrainResult:
     ``history``: one dict per iteration (``step``, ``epoch``, ``stage``, ``lr``, each loss, ``total``),
     the resumed run's earlier iterations included; ``checkpoint``: the last checkpoint written;
     ``model``: the trained ``FasterRCNN`` (not DDP-wrapped, in eval mode); ``stop_reason``:
-    ``"completed"``, ``"max_iters"``, ``"time_budget"`` or ``"callback"``; ``iterations``, ``seconds``,
+    ``"completed"``, ``"max_iters"``, ``"time_budget"``, ``"callback"`` or ``"interrupted"`` (SIGINT /
+    SIGTERM: ``extra["signal"]`` holds its number; a checkpoint at that step was saved); ``iterations``, ``seconds``,
     ``images``: this run's own iterations, wall time and images seen (all processes).
     """
 
@@ -269,8 +297,12 @@ class TrainResult:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
-class _NonFiniteLoss(RuntimeError):
-    pass
+class TrainingDiverged(RuntimeError):
+    """A loss, a gradient or a parameter became NaN/infinite (or exploded); the message names the
+    step, the loss and the first bad tensor, and the last checkpoint written stays untouched."""
+
+
+_NonFiniteLoss = TrainingDiverged  # the name earlier versions raised
 
 
 def _collate(samples):
@@ -320,6 +352,10 @@ class Trainer:
         callback: called with each iteration's history record; returning ``False`` stops the run
             (a checkpoint is written first).
         train_dataset: use this dataset instead of ``build_dataset(data_cfg, "train")``.
+        skip_bad_images: VOC/COCO data is scanned first (``rpnlab.data.checks``); bad image files
+            stop the run before its first step (a ``DataError`` listing them) unless this is set,
+            which trains on the others (``self.skipped_images`` counts them). Annotation problems
+            always stop it.
     """
 
     def __init__(
@@ -331,6 +367,7 @@ class Trainer:
         progress: bool = True,
         callback: Callable[[dict], Any] | None = None,
         train_dataset=None,
+        skip_bad_images: bool = False,
     ):
         for name, cfg, cls in (("model_cfg", model_cfg, ModelConfig), ("data_cfg", data_cfg, DataConfig),
                                ("train_cfg", train_cfg, TrainConfig)):
@@ -354,10 +391,18 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.out_dir = Path(train_cfg.out_dir)
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self._check_out_dir()
+        # A save killed mid-write (kill -9, power loss) leaves its temp file: ours to remove.
+        self.stale_removed = remove_stale_temp_files(self.checkpoint_path) if self.rank == 0 else []
+        self.replanned: str | None = None
         self.resume_path = resume
         self.resume_state = load_checkpoint(resume, map_location="cpu") if resume is not None else None
         if self.resume_state is not None:
             self._check_resume_configs(self.resume_state, resume)
+            bad = first_non_finite(self.resume_state.get("model"), "model")
+            if bad:
+                raise ValueError(f"cannot resume from {str(resume)!r}: its weights are not finite ({bad} holds NaN "
+                                 "or infinity); use an earlier checkpoint")
 
         seed_everything(train_cfg.seed)
         from rpnlab.detector.model import FasterRCNN
@@ -373,9 +418,11 @@ class Trainer:
         self._fixed = {id(p) for m in (self.model, self.rpn_model) if m is not None
                        for p in m.parameters() if not p.requires_grad}
 
-        self.dataset = train_dataset if train_dataset is not None else self._build_dataset()
+        self.skipped_images = 0
+        self.dataset = train_dataset if train_dataset is not None else self._build_dataset(skip_bad_images)
         if len(self.dataset) == 0:
-            raise ValueError("the training set is empty (num_train=0?)")
+            where = "num_train=0" if data_cfg.dataset == "synthetic" and train_dataset is None else "no samples"
+            raise ValueError(f"the training set is empty ({where})")
         num_classes = getattr(self.dataset, "num_classes", None)
         if num_classes is not None and num_classes != model_cfg.num_classes:
             raise ValueError(f"num_classes={model_cfg.num_classes} but the {data_cfg.dataset} training set has "
@@ -392,10 +439,53 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------
 
-    def _build_dataset(self):
-        from rpnlab.data import build_dataset
+    def _check_out_dir(self) -> None:
+        """Fail before any work when the checkpoint cannot be written where ``out_dir`` says."""
+        folder = self.out_dir
+        probe = folder
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ValueError(f"out_dir={str(folder)!r} is invalid: {str(probe)!r} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ValueError(f"out_dir={str(folder)!r} is invalid: {str(probe)!r} is not writable")
+        if self.checkpoint_path.is_dir():
+            raise ValueError(f"out_dir={str(folder)!r} is invalid: {str(self.checkpoint_path)!r} is a folder")
 
-        return build_dataset(self.data_cfg, "train")
+    def _build_dataset(self, skip_bad_images: bool = False):
+        from rpnlab.data import build_dataset
+        from rpnlab.data.checks import DataError, GoodSubset, format_problems, scan_dataset
+
+        problems = scan_dataset(self.data_cfg, "train")
+        bad_images = {p.path for p in problems if p.kind == "image"}
+        if problems and not (skip_bad_images and len(bad_images) == len(problems)):
+            hint = (" (--skip-bad-images / skip_bad_images=True trains on the other images)"
+                    if len(bad_images) == len(problems) else "")
+            raise DataError(f"{len(problems)} problem(s) in the {self.data_cfg.dataset} training data at "
+                            f"{self.data_cfg.root}; nothing was trained{hint}:\n{format_problems(problems)}")
+        dataset = build_dataset(self.data_cfg, "train")
+        if bad_images:
+            dataset = GoodSubset(dataset, bad_images)
+            self.skipped_images = dataset.skipped
+            warnings.warn(f"skipping {dataset.skipped} bad image(s) of the training data "
+                          f"({len(dataset)} left): {', '.join(sorted(bad_images)[:5])}"
+                          + (" ..." if len(bad_images) > 5 else ""), stacklevel=3)
+        return dataset
+
+    def _check_targets(self, targets: list[dict]) -> None:
+        """Labels in ``1..num_classes`` and finite boxes, on the CPU tensors the loader made (no
+        device sync): a wrong label would fail deep in the loss, or silently train on garbage."""
+        num_classes = self.model_cfg.num_classes
+        for t in targets:
+            labels, boxes = t.get("labels"), t.get("boxes")
+            if labels is not None and labels.numel() and labels.device.type == "cpu":
+                lo, hi = int(labels.min()), int(labels.max())
+                if lo < 1 or hi > num_classes:
+                    bad = lo if lo < 1 else hi
+                    raise ValueError(f"training image id={t.get('image_id')} has label {bad}, outside 1..{num_classes} "
+                                     f"(num_classes={num_classes})")
+            if boxes is not None and boxes.numel() and boxes.device.type == "cpu" and not bool(torch.isfinite(boxes).all()):
+                raise ValueError(f"training image id={t.get('image_id')} has non-finite box coordinates")
 
     def _check_resume_configs(self, state: dict, path) -> None:
         saved = state.get("configs", {})
@@ -405,9 +495,19 @@ class Trainer:
                                  f"(saved {saved[key]}, given {to_dict(cfg)})")
         for name in ("schedule", "batch_size", "seed", "epochs"):
             before = saved.get("train", {}).get(name)
-            if before is not None and before != getattr(self.cfg, name):
-                raise ValueError(f"cannot resume from {str(path)!r}: it was trained with {name}={before!r}, "
-                                 f"this run has {name}={getattr(self.cfg, name)!r}")
+            now = getattr(self.cfg, name)
+            if before is None or before == now:
+                continue
+            if name == "epochs" and now > before and self.cfg.schedule in ("joint", "rpn"):
+                # Extending a run: the learning-rate schedule is re-planned over the new length.
+                self.replanned = (f"resuming {str(path)!r} with epochs={now} (it was planned for {before}): "
+                                  f"the {self.cfg.lr_schedule} learning-rate schedule is re-planned over {now} epochs")
+                warnings.warn(self.replanned, stacklevel=3)
+                continue
+            hint = (f"; a run can be extended (epochs > {before}) with the joint or rpn schedule only"
+                    if name == "epochs" and now > before else "")
+            raise ValueError(f"cannot resume from {str(path)!r}: it was trained with {name}={before!r}, "
+                             f"this run has {name}={now!r}{hint}")
 
     def _stage_bounds(self) -> list[tuple[int, int]]:
         """``(first epoch, end epoch)`` of each stage."""
@@ -470,40 +570,58 @@ class Trainer:
             return wrapped(images, targets, proposals=proposals)
         return wrapped(images, targets)
 
+    def _diverged(self, what: str, stage: Stage, detail: str = "") -> TrainingDiverged:
+        kept = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
+        return TrainingDiverged(
+            f"{what} at step {self.step} (epoch {self.epoch}, stage {stage.name}){detail}; training stopped, "
+            f"the last good checkpoint is left untouched ({kept}). Try a lower lr or a longer warm-up."
+        )
+
     def _iteration(self, stage, wrapped, optimizer, scheduler, scaler, images, targets) -> dict[str, Any]:
         lr = optimizer.param_groups[0]["lr"]
         with self._autocast():
             losses = self._losses(stage, wrapped, images, targets)
         names = sorted(losses)
         total = sum(losses[k].float() for k in stage.loss_keys)
-        # One host sync per iteration: every loss value at once (averaged over processes).
-        values = torch.stack([losses[k].detach().float() for k in names] + [total.detach()])
+        optimizer.zero_grad(set_to_none=True)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if scaler is not None:
+            scaler.scale(total).backward()
+            grad_norm = total.new_zeros(())  # the scaler skips steps with inf/NaN gradients itself
+        else:
+            total.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads).float() if grads else total.new_zeros(())
+        # One host sync per iteration: every loss value and the gradient norm at once (averaged
+        # over processes), read before the optimiser step so that a bad gradient is never applied.
+        values = torch.stack([losses[k].detach().float() for k in names] + [total.detach(), grad_norm.detach()])
         if self.distributed:
             dist.all_reduce(values)
             values = values / self.world_size
         numbers = values.tolist()
         record = {"step": self.step, "epoch": self.epoch, "stage": stage.name, "lr": lr}
-        record.update(zip(names, numbers[:-1]))
-        record["total"] = numbers[-1]
+        record.update(zip(names, numbers[:-2]))
+        record["total"] = numbers[-2]
         bad = [k for k in [*names, "total"] if not math.isfinite(record[k])]
         if bad:
-            kept = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
-            raise _NonFiniteLoss(
-                f"non-finite loss at step {self.step} (epoch {self.epoch}, stage {stage.name}): "
-                + ", ".join(f"{k}={record[k]}" for k in bad)
-                + f"; training stopped, the last good checkpoint is left untouched ({kept}). "
-                "Try a lower lr or a longer warm-up."
-            )
-        optimizer.zero_grad(set_to_none=True)
+            raise self._diverged("non-finite loss", stage, ": " + ", ".join(f"{k}={record[k]}" for k in bad))
+        if not math.isfinite(numbers[-1]):
+            names_by_param = {id(p): n for n, p in self._net_for(stage).named_parameters()}
+            first = next((names_by_param.get(id(p), "?") for p in params
+                          if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "?")
+            raise self._diverged("non-finite gradient", stage,
+                                 f": loss total={record['total']:.4g}, gradient norm={numbers[-1]}, "
+                                 f"first non-finite tensor: gradient of {first}")
         if scaler is not None:
-            scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            total.backward()
             optimizer.step()
         scheduler.step()
         return record
+
+    def _net_for(self, stage: Stage) -> nn.Module:
+        return self.rpn_model if (self.rpn_model is not None and stage is self.stages[0]) else self.model
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -526,8 +644,31 @@ class Trainer:
             "elapsed_s": elapsed,
         }
 
+    def _check_state(self, stage_index: int, optimizer) -> None:
+        """Refuse to save a diverged state: non-finite parameters, buffers or optimiser state, or
+        parameters past ``PARAMETER_LIMIT``."""
+        stage = self.stages[min(stage_index, len(self.stages) - 1)]
+        last = self.history[-1] if self.history else {}
+        loss = f"loss total={last.get('total', float('nan')):.4g}"
+        for prefix, module in (("model", self.model), ("rpn_model", self.rpn_model)):
+            if module is None:
+                continue
+            bad = first_non_finite(module.state_dict(), prefix)
+            if bad:
+                raise self._diverged("non-finite weights", stage, f": {loss}, first non-finite tensor: {bad}")
+            for name, p in module.named_parameters():
+                biggest = float(p.detach().abs().max()) if p.numel() else 0.0
+                if biggest > PARAMETER_LIMIT:
+                    raise self._diverged("exploded weights", stage,
+                                         f": {loss}, {prefix}.{name} reaches {biggest:.3g} (limit {PARAMETER_LIMIT:g})")
+        if optimizer is not None:
+            bad = first_non_finite(optimizer.state_dict().get("state", {}), "optimizer.state")
+            if bad:
+                raise self._diverged("non-finite optimiser state", stage, f": {loss}, first non-finite tensor: {bad}")
+
     def _save(self, *args) -> None:
         if _is_main():
+            self._check_state(args[0], args[1])
             self.last_checkpoint = save_checkpoint(self.checkpoint_path, self._state(*args))
         if self.distributed:
             dist.barrier()
@@ -566,6 +707,8 @@ class Trainer:
         running: dict[str, float] = {}
         stage_index, optimizer, scheduler, scaler = self._stage_index(self.epoch), None, None, None
         current_stage, saved_step = -1, None
+        self._signal = None
+        previous_handlers = self._install_signal_handlers()
         try:
             while self.epoch < total_epochs and stop_reason == "completed":
                 stage_index = self._stage_index(self.epoch)
@@ -577,6 +720,17 @@ class Trainer:
                     if resumed_mid_stage:
                         optimizer.load_state_dict(state["optimizer"])
                         scheduler.load_state_dict(state["scheduler"])
+                        # LambdaLR restores its schedule object's numbers too: re-plan them for
+                        # this run's length (the same numbers unless the run is being extended).
+                        for schedule in scheduler.lr_lambdas:
+                            schedule.total_steps = stage.epochs * self.iters_per_epoch
+                            schedule.milestones = [e * self.iters_per_epoch for e in cfg.lr_steps]
+                        # The optimiser's state dict carries the saved lr, momentum and weight decay:
+                        # this run's options win (equal unless changed on the command line).
+                        scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+                        for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                            group.update(initial_lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         lr=cfg.lr * schedule(scheduler.last_epoch))
                         if scaler is not None and state.get("scaler"):
                             scaler.load_state_dict(state["scaler"])
                     if state is not None:
@@ -585,6 +739,7 @@ class Trainer:
                 _train_mode(net)
                 self.sampler.set_epoch(self.epoch, skip_batches=self.epoch_step)
                 for images, targets in self._loader():
+                    self._check_targets(targets)
                     images, targets = _move_batch(images, targets, self.device)
                     record = self._iteration(stage, wrapped, optimizer, scheduler, scaler, images, targets)
                     self.history.append(record)
@@ -597,7 +752,9 @@ class Trainer:
                         bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in running.items()}
                                         | {"lr": f"{record['lr']:.2g}"}, refresh=False)
                         bar.update(1)
-                    if self.callback is not None and self.callback(record) is False:
+                    if self._interrupted():
+                        stop_reason = "interrupted"
+                    elif self.callback is not None and self.callback(record) is False:
                         stop_reason = "callback"
                     elif cfg.max_iters is not None and self.step >= cfg.max_iters:
                         stop_reason = "max_iters"
@@ -618,6 +775,8 @@ class Trainer:
                 elapsed = elapsed_before + time.perf_counter() - start_time
                 self._save(stage_index, optimizer, scheduler, scaler, elapsed)
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - start_time
@@ -636,7 +795,38 @@ class Trainer:
             iterations=iterations,
             seconds=seconds,
             images=iterations * cfg.batch_size * self.world_size,
+            extra={"signal": self._signal, "replanned": self.replanned,
+                   "stale_temp_files_removed": [str(p) for p in self.stale_removed]},
         )
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT/SIGTERM set a flag that the loop reads after the current iteration (then it saves
+        and stops); a second signal raises ``KeyboardInterrupt`` at once. Main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._signal is not None:  # asked twice: stop now
+                raise KeyboardInterrupt
+            self._signal = signum
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except (ValueError, OSError):  # not settable here (embedded interpreters)
+                pass
+        return previous
+
+    def _interrupted(self) -> bool:
+        flag = self._signal is not None
+        if self.distributed:  # every process must stop at the same iteration
+            t = torch.tensor([float(self._signal or 0)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if t.item() and self._signal is None:
+                self._signal = int(t.item())
+            flag = bool(t.item())
+        return flag
 
     def _loader(self) -> DataLoader:
         """This epoch's loader. Its own generator (from seed and epoch) seeds the workers, so
@@ -669,6 +859,7 @@ def train(
     progress: bool = True,
     callback: Callable[[dict], Any] | None = None,
     train_dataset=None,
+    skip_bad_images: bool = False,
 ) -> TrainResult:
     """Train a ``FasterRCNN`` per the three configs; see ``Trainer`` for the arguments.
 
@@ -676,7 +867,7 @@ def train(
     last checkpoint written stays as it was.
     """
     trainer = Trainer(model_cfg, data_cfg, train_cfg, resume=resume, progress=progress,
-                      callback=callback, train_dataset=train_dataset)
+                      callback=callback, train_dataset=train_dataset, skip_bad_images=skip_bad_images)
     return trainer.run()
 
 

@@ -25,7 +25,8 @@ def main(spec_path: str, work_dir: str) -> int:
     work = Path(work_dir)
     row = execute_one(task["notebook"], work / "notebook.ipynb", task["parameters"], smoke=task["smoke"],
                       record_path=work / "record.json", kernel_name=task.get("kernel_name", "python3"),
-                      cell_timeout=task.get("cell_timeout"), warn_unknown=False)
+                      cell_timeout=task.get("cell_timeout"), warn_unknown=False,
+                      allow_unknown_parameters=task.get("allow_unknown", False))
     row.pop("output", None)
     row.pop("figures", None)
     _write_json(work / "result.json", row)

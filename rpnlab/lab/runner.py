@@ -13,8 +13,10 @@
 (executors, shards, resume, seed statistics).
 
 Parameters are injected only where the notebook declares them in its ``parameters`` cell
-(``papermill.inspect_notebook``); others are skipped with a ``ParameterWarning``, so one
-parameter dict can drive a whole collection. A notebook that raises is reported (name, cell,
+(``papermill.inspect_notebook``). Before anything runs, a name that no notebook of the run declares
+is a ``ParameterError`` naming the declared ones and the nearest (``allow_unknown_parameters=True``
+skips it with a ``ParameterWarning`` instead), and so is a value of another type than the declared
+one; in a collection, a name declared by some notebooks is injected into those only. A notebook that raises is reported (name, cell,
 error) and the run goes on; ``ok`` is False if any failed. Notebooks run with their own folder
 as working directory and the ``python3`` kernel.
 """
@@ -26,6 +28,7 @@ import csv
 import datetime as _dt
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -39,9 +42,12 @@ from typing import Any
 from rpnlab.lab.records import read_record
 
 __all__ = [
+    "ParameterError",
     "ParameterWarning",
     "RunResult",
     "SweepResult",
+    "check_collection_parameters",
+    "check_parameter_value",
     "execute_one",
     "list_notebooks",
     "notebook_parameters",
@@ -140,32 +146,165 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, dict[str, Any]
     return papermill.inspect_notebook(str(notebook))
 
 
+class ParameterError(ValueError):
+    """A parameter a notebook does not declare, or a value of the wrong type; raised before any run."""
+
+
+def _nearest(name: str, names: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.5)
+    if not close:  # "stride" for "anchor_stride": a suffix or prefix match is a good guess too
+        close = [n for n in names if n.endswith(name) or n.startswith(name)][:1]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _literal(text: Any) -> Any:
+    import ast
+
+    try:
+        return ast.literal_eval(text) if isinstance(text, str) else text
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_parameter_value(name: str, value: Any, info: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """``value`` checked against the type a notebook declares for ``name`` (``info``, one entry of
+    ``notebook_parameters``): returns ``(value, None)`` (an int is widened to a float where a float
+    is declared, a number to text where text is), or ``(value, problem)``.
+
+    Declared ``int``: an int; ``float``: a finite number; ``bool``: true/false; ``str``: text;
+    ``list``/``tuple``: a list whose items are of the kind of the default's items (numbers or
+    text). Other or undeclared types are not checked.
+    """
+    kind = str(info.get("inferred_type_name") or "").strip()
+    shown = f"{name}={value!r}"
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value), None
+        return value, f"{shown}: expected an integer (declared int, default {info.get('default')})"
+    if kind == "float":
+        if _is_real(value) and math.isfinite(value):
+            return float(value), None
+        return value, f"{shown}: expected a finite number (declared float, default {info.get('default')})"
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true", None
+        return value, f"{shown}: expected true or false (declared bool)"
+    if kind == "str":
+        if isinstance(value, str):
+            return value, None
+        if _is_real(value):  # -p device 0: the CLI read the text as JSON
+            return str(value), None
+        return value, f"{shown}: expected text (declared str, default {info.get('default')})"
+    if kind.startswith(("list", "tuple", "List", "Tuple")):
+        if not isinstance(value, (list, tuple)):
+            hint = f"; write [{value}] for a list of one" if _is_real(value) else ""
+            return value, f"{shown}: expected a list (declared {kind}, default {info.get('default')}){hint}"
+        default = _literal(info.get("default"))
+        if isinstance(default, (list, tuple)) and default:
+            if all(_is_real(v) for v in default):
+                bad = [v for v in value if not (_is_real(v) and math.isfinite(v))]
+                if bad:
+                    return value, f"{shown}: expected a list of finite numbers (as the default {list(default)}), got {bad[0]!r} in it"
+            elif all(isinstance(v, str) for v in default):
+                bad = [v for v in value if not isinstance(v, str)]
+                if bad:
+                    return value, f"{shown}: expected a list of text items (as the default {list(default)}), got {bad[0]!r} in it"
+        return list(value), None
+    return value, None
+
+
 def select_parameters(
     notebook: str | os.PathLike,
     parameters: Mapping[str, Any] | None,
     smoke: bool = False,
     declared: Mapping[str, Any] | None = None,
     warn: bool = True,
+    allow_unknown: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Split ``parameters`` into those ``notebook`` declares and the names it does not.
+    """Split ``parameters`` into those ``notebook`` declares (type-checked) and the names it does not.
 
-    ``smoke=True`` adds ``smoke=True`` when the notebook declares ``smoke``. Unknown names are
-    returned (and warned about with ``ParameterWarning``) rather than raised: one dict can feed
-    a whole collection whose notebooks declare different parameters.
+    Raises ``ParameterError`` listing every problem at once: a name the notebook does not declare
+    (with the declared names and the nearest one), unless ``allow_unknown=True``, in which case
+    unknown names are returned and warned about (``ParameterWarning``, when ``warn``); and a value
+    whose type differs from the declared one (``check_parameter_value``). ``smoke=True`` adds
+    ``smoke=True`` when the notebook declares ``smoke``.
     """
     declared = notebook_parameters(notebook) if declared is None else declared
     params = dict(parameters or {})
     if smoke:
         params["smoke"] = True
-    accepted = {k: v for k, v in params.items() if k in declared}
+    stem = Path(notebook).stem
     unknown = sorted(k for k in params if k not in declared and not (k == "smoke" and smoke))
+    problems = []
+    if unknown and not allow_unknown:
+        names = ", ".join(declared) or "none"
+        for k in unknown:
+            problems.append(f"{stem} does not declare parameter {k!r}{_nearest(k, declared)} (declared: {names})")
+    accepted = {}
+    for k, v in params.items():
+        if k in declared:
+            accepted[k], problem = check_parameter_value(k, v, declared[k])
+            if problem:
+                problems.append(f"{stem}: {problem}")
+    if problems:
+        raise ParameterError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
     if unknown and warn:
         warnings.warn(
-            f"{Path(notebook).stem}: does not declare parameter(s) {', '.join(unknown)}; not injected",
+            f"{stem}: does not declare parameter(s) {', '.join(unknown)}; not injected",
             ParameterWarning,
             stacklevel=2,
         )
     return accepted, unknown
+
+
+def check_collection_parameters(
+    notebooks: Sequence[str | os.PathLike],
+    parameters: Mapping[str, Any] | None,
+    smoke: bool = False,
+    allow_unknown: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Check ``parameters`` for a run of several ``notebooks`` before any runs.
+
+    A name counts as known when at least one of the notebooks declares it (it is injected only
+    where declared); a name none declares is an error unless ``allow_unknown``. Each declared
+    value is type-checked for every notebook that declares it. Raises ``ParameterError`` listing
+    every problem; returns ``{stem: declared parameters}``.
+    """
+    declared = {Path(n).stem: notebook_parameters(n) for n in notebooks}
+    params = dict(parameters or {})
+    everywhere = set().union(*declared.values()) if declared else set()
+    problems = []
+    if not allow_unknown:
+        names = sorted(everywhere)
+        where = next(iter(declared)) if len(declared) == 1 else f"none of the {len(declared)} notebooks"
+        for k in params:
+            if k not in everywhere:
+                problems.append(f"{where} declares parameter {k!r}{_nearest(k, names)} (declared: {', '.join(names) or 'none'})"
+                                if len(declared) > 1 else
+                                f"{where} does not declare parameter {k!r}{_nearest(k, names)} (declared: {', '.join(names) or 'none'})")
+    unknown = sorted(k for k in params if k not in everywhere)
+    if unknown and allow_unknown:
+        warnings.warn(f"no notebook of the run declares parameter(s) {', '.join(unknown)}; not injected",
+                      ParameterWarning, stacklevel=2)
+    for stem, decl in declared.items():
+        for k, v in params.items():
+            if k in decl:
+                _, problem = check_parameter_value(k, v, decl[k])
+                if problem and f": {problem}" not in "".join(problems):
+                    problems.append(f"{stem}: {problem}")
+    if problems:
+        raise ParameterError(problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+    return declared
 
 
 def parse_parameter(text: str) -> tuple[str, Any]:
@@ -214,6 +353,7 @@ def execute_one(
     kernel_name: str = "python3",
     cell_timeout: float | None = None,
     warn_unknown: bool = True,
+    allow_unknown_parameters: bool = False,
 ) -> dict[str, Any]:
     """Execute one notebook with papermill; never raises for a failing notebook.
 
@@ -231,7 +371,8 @@ def execute_one(
     params = dict(parameters or {})
     if record_path is not None and "record_path" in declared:
         params["record_path"] = str(Path(record_path).resolve())
-    accepted, unknown = select_parameters(notebook, params, smoke, declared, warn=warn_unknown)
+    accepted, unknown = select_parameters(notebook, params, smoke, declared, warn=warn_unknown,
+                                          allow_unknown=allow_unknown_parameters)
     if record_path is not None and Path(record_path).exists():
         Path(record_path).unlink()  # a stale record from an earlier run must not look like this one's
 
@@ -366,13 +507,14 @@ def run_collection(
     executor: str = "local",
     scheduler: Any = None,
     parallel: int = 1,
+    allow_unknown_parameters: bool = False,
 ) -> RunResult:
     """Execute notebooks into one run folder and write ``summary.csv`` / ``summary.md``.
 
     Args:
         notebooks: paths, stems or numbers (``"01"``); default every ``notebooks/NN_*.ipynb``.
-        parameters: injected into each notebook that declares them (others skip them, with a
-            ``ParameterWarning``).
+        parameters: injected into each notebook that declares them; a name no notebook declares,
+            or a value of the wrong type, raises ``ParameterError`` before anything runs.
         out_dir: the run folder; default ``runs/<timestamp>`` under the current directory.
         smoke: set each notebook's ``smoke`` parameter to True (tiny sizes, as CI runs them).
         progress: a tqdm bar over the notebooks.
@@ -382,6 +524,7 @@ def run_collection(
             to a device (with 1, the notebooks run one after another, in order); ``"dask"``: each
             notebook a task on the Dask cluster at ``scheduler`` (they may then run at once:
             use it for notebooks that do not need each other's outputs).
+        allow_unknown_parameters: skip names no notebook declares (with a warning) instead.
     Returns:
         ``RunResult(out_dir, rows, ok)``; one row per notebook, in order (see :func:`execute_one`;
         plus ``attempts`` and ``host``).
@@ -401,10 +544,11 @@ def run_collection(
         pool = None
     else:
         raise ValueError(f"executor must be 'local' or 'dask', got {executor!r}")
+    # Checked once for the collection: a name any of its notebooks declares is known.
+    check_collection_parameters(paths, parameters, smoke, allow_unknown=allow_unknown_parameters)
     tasks = []
     for index, path in enumerate(paths):
-        select_parameters(path, parameters, smoke, warn=True)  # warn here, in order, once per notebook
-        tasks.append({"notebook": str(path), "notebook_sha": notebook_hash(path),
+        tasks.append({"allow_unknown": True, "notebook": str(path), "notebook_sha": notebook_hash(path),
                       "parameters": dict(parameters or {}), "smoke": bool(smoke), "kernel_name": kernel_name,
                       "cell_timeout": cell_timeout, "key": f"{index:02d}-{path.stem}", "index": index,
                       "point": {}})

@@ -280,6 +280,7 @@ def sweep(
     force: bool = False,
     aggregate: str | None = None,
     plot_timings: bool = False,
+    allow_unknown_parameters: bool = False,
 ) -> runner.SweepResult:
     """Execute ``notebook`` once per point of the cartesian ``grid`` and tabulate the records.
 
@@ -296,6 +297,8 @@ def sweep(
         aggregate: a swept parameter (usually ``"seed"``) to average over: ``sweep_aggregate.csv``
             gets mean, std, 95% interval and n per setting, and the plot shows the intervals.
         plot_timings: also plot metrics that are durations (left out by default).
+        allow_unknown_parameters: a name the notebook does not declare is skipped (with a warning)
+            instead of a ``ParameterError`` before anything runs.
     Returns:
         ``SweepResult``: ``sweep.csv`` (or ``shard-I-of-N.csv``) has one row per point: swept
         parameters, flattened record values, status, seconds, attempts, cell, error;
@@ -317,9 +320,14 @@ def sweep(
     else:
         raise ValueError(f"executor must be 'local' or 'dask', got {executor!r}")
     declared = runner.notebook_parameters(path)
-    # Warn once here, not once per point: an undeclared grid parameter leaves every point alike.
+    # Check once here, not once per point: names, and the type of every value of the grid.
     base = dict(base_parameters or {})
-    runner.select_parameters(path, {**base, **runner._grid_points(grid)[0]}, smoke, declared)
+    runner.select_parameters(path, {**base, **runner._grid_points(grid)[0]}, smoke, declared,
+                             allow_unknown=allow_unknown_parameters)
+    problems = [f"{path.stem}: {problem}" for name, values in grid.items() if name in declared
+                for v in values for _, problem in [runner.check_parameter_value(name, v, declared[name])] if problem]
+    if problems:
+        raise runner.ParameterError(problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = runner._fresh_run_dir(out_dir if out_dir is not None else Path("runs") / f"sweep-{path.stem}-{stamp}")
     spec = {"notebook": str(path), "notebook_sha": notebook_hash(path), "grid": grid, "base_parameters": base,
@@ -338,7 +346,8 @@ def sweep(
             continue
         if point_dir.exists():
             shutil.rmtree(point_dir)  # partial outputs of an interrupted point, or an earlier failure
-        tasks.append({"notebook": str(path), "notebook_sha": spec["notebook_sha"], "parameters": entry["parameters"],
+        tasks.append({"allow_unknown": allow_unknown_parameters,
+                      "notebook": str(path), "notebook_sha": spec["notebook_sha"], "parameters": entry["parameters"],
                       "smoke": bool(smoke), "kernel_name": kernel_name, "cell_timeout": cell_timeout,
                       "key": entry["key"], "index": entry["index"], "point": entry["point"]})
     if results:
