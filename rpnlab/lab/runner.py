@@ -19,6 +19,9 @@ skips it with a ``ParameterWarning`` instead), and so is a value of another type
 one; in a collection, a name declared by some notebooks is injected into those only. A notebook that raises is reported (name, cell,
 error) and the run goes on; ``ok`` is False if any failed. Notebooks run with their own folder
 as working directory and the ``python3`` kernel.
+
+Longer than 500 lines because the notebook parameters' checks (declared names, declared types) and
+the collection run that applies them are read together; sweeps live in ``rpnlab.lab.sweeps``.
 """
 
 from __future__ import annotations
