@@ -138,6 +138,9 @@ _HELP = {
     ("data", "min_size"): "resize: shorter image side in px",
     ("data", "max_size"): "resize: cap on the longer image side in px",
     ("data", "hflip_prob"): "probability of a horizontal flip during training",
+    ("data", "classes"): "VOC/COCO class names 'a,b,c' or a file with one per line ('none': the names the "
+                         "training annotations use, sorted; COCO: every category). Objects of other classes "
+                         "are skipped",
     ("train", "schedule"): "'joint' (approximate joint), 'alternating' (the paper's 4 steps) or 'rpn' (RPN only)",
     ("train", "epochs"): "passes over the training set (all stages together)",
     ("train", "batch_size"): "images per iteration (per process under torchrun)",
@@ -334,6 +337,15 @@ def checkpoint_configs(path: str | Path) -> tuple[ModelConfig, DataConfig, Train
             from_dict(TrainConfig, configs["train"]))
 
 
+def checkpoint_classes(path: str | Path) -> list[str] | None:
+    """The class names a training checkpoint stores (label ``i + 1`` is ``[i]``), or ``None`` for
+    a checkpoint written before they were kept."""
+    from rpnlab.engine.checkpoint import load_checkpoint
+
+    names = load_checkpoint(path).get("classes")
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -360,7 +372,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run saved in this checkpoint (its configs are the starting point)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--evaluate", action="store_true",
-                   help="after training, evaluate on the validation split and print mAP")
+                   help="after training, evaluate on the val split (test if there is no val) and print mAP")
     p.add_argument("--digest", action="store_true",
                    help="every process writes <out-dir>/digest-rank<R>.txt, a SHA-256 of its parameters "
                         "(to check that DDP replicas agree under torchrun)")
@@ -382,7 +394,9 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
                        description="Evaluate a checkpoint on a split of its data (data options override "
                                    "the checkpoint's data config).")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by 'rpnlab train'")
-    p.add_argument("--split", default="val", help="split to evaluate: train, val or test (VOC: also trainval)")
+    p.add_argument("--split", default=None,
+                   help="split to evaluate: train, val or test (VOC: any list in ImageSets/Main); "
+                        "default: val if the data has it, else test")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON to PATH")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -442,6 +456,22 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Bad options, a missing device or an unreadable checkpoint: one line, exit 2, no traceback.
     try:
         model_cfg, data_cfg, train_cfg = configs_from_args(args)
+        if data_cfg.dataset != "synthetic" and not args.resume:
+            from rpnlab.data.build import resolve_classes
+
+            classes = resolve_classes(data_cfg)
+            if _dest("model", "num_classes") not in vars(args):
+                model_cfg.num_classes = len(classes)  # the data says how many classes there are
+            elif model_cfg.num_classes != len(classes):
+                raise ValueError(f"--num-classes {model_cfg.num_classes} but the data has {len(classes)} "
+                                 f"classes ({', '.join(classes)}): leave --num-classes out, or pick classes "
+                                 "with --classes a,b,c")
+            print(f"classes: {', '.join(f'{i + 1}={n}' for i, n in enumerate(classes))}")
+        eval_split = None
+        if args.evaluate:
+            from rpnlab.data.build import evaluation_split
+
+            eval_split = evaluation_split(data_cfg)  # before training: a missing split fails now
         trainer = Trainer(model_cfg, data_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.error(str(err))
@@ -464,8 +494,10 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.evaluate:
         from rpnlab.data import build_dataset
 
-        metrics = evaluate(result.model, build_dataset(data_cfg, "val"), progress=not args.no_progress)
-        print(f"val mAP@0.5 {_fmt(metrics['map_50'])}  mAP@[.5:.95] {_fmt(metrics['map'])}")
+        print(f"evaluating on split {eval_split!r}")
+        dataset = build_dataset(data_cfg, eval_split, train=False, classes=result.model.class_names)
+        metrics = evaluate(result.model, dataset, progress=not args.no_progress)
+        print(f"{eval_split} mAP@0.5 {_fmt(metrics['map_50'])}  mAP@[.5:.95] {_fmt(metrics['map'])}")
     return 0
 
 
@@ -482,9 +514,20 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
         device = resolve_device(args.device)
         model = load_model(args.checkpoint, map_location=device)
-        dataset = build_dataset(data_cfg, args.split, train=False)
+        split = args.split
+        if split is None:
+            from rpnlab.data.build import evaluation_split
+
+            split = evaluation_split(data_cfg)
+            print(f"evaluating on split {split!r} (choose another with --split)")
+        classes = checkpoint_classes(args.checkpoint)
+        dataset = build_dataset(data_cfg, split, train=False, classes=classes)
+        if dataset.num_classes != model.num_classes:  # a checkpoint from before class names were kept
+            raise ValueError(f"the checkpoint's model has {model.num_classes} classes but split {split!r} of "
+                             f"the data has {dataset.num_classes} ({', '.join(dataset.classes)})")
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.error(str(err))
+    args.split = split
     metrics = evaluate(model, dataset, batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{args.split}: {metrics['num_images']} images, {metrics['seconds']:.1f} s")
     print(f"VOC mAP@0.5      {_fmt(metrics['map_50'])}")
@@ -534,7 +577,7 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = _class_names(data_cfg, model.num_classes)
+    names = checkpoint_classes(args.checkpoint) or _class_names(data_cfg, model.num_classes)
     resize = ResizeShortestSide(data_cfg.min_size, data_cfg.max_size)
     results = []
     for path in args.images:

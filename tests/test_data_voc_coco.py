@@ -450,7 +450,7 @@ def test_build_dataset_voc_and_coco(voc_root, coco, tmp_path):
         warnings.simplefilter("ignore", AnnotationWarning)
         ds = build_dataset(DataConfig(dataset="coco", root=str(coco_root)), "val")
     assert isinstance(ds, COCODataset) and len(ds) == 5
-    with pytest.raises(FileNotFoundError, match=r"instances_train2017\.json"):
+    with pytest.raises(ValueError, match=r"split 'train' not found .*splits found: val .*instances_train2017\.json"):
         build_dataset(DataConfig(dataset="coco", root=str(coco_root)), "train")
 
 

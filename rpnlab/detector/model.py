@@ -107,6 +107,8 @@ class FasterRCNN(nn.Module):
         self.num_classes = int(num_classes)
         self.size_divisible = int(size_divisible)
         self.config = config
+        # Names of labels 1..C (set by training or from_torchvision; kept in checkpoints).
+        self.class_names = [f"class {i}" for i in range(1, self.num_classes + 1)]
         # Buffers, so they follow .to(device) and land in the state dict.
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -155,6 +157,9 @@ class FasterRCNN(nn.Module):
         model = cls.from_config(config)
         model.load_state_dict(state["model"])
         model.config.pretrained = state["configs"]["model"].get("pretrained")
+        names = state.get("classes")
+        if isinstance(names, (list, tuple)) and len(names) == model.num_classes:
+            model.class_names = [str(n) for n in names]
         return model.to(map_location).eval()
 
     # ------------------------------------------------------------------------------------------

@@ -378,8 +378,14 @@ class Trainer:
             raise ValueError("the training set is empty (num_train=0?)")
         num_classes = getattr(self.dataset, "num_classes", None)
         if num_classes is not None and num_classes != model_cfg.num_classes:
+            names = ", ".join(getattr(self.dataset, "classes", ()))
             raise ValueError(f"num_classes={model_cfg.num_classes} but the {data_cfg.dataset} training set has "
-                             f"{num_classes} classes: set num_classes={num_classes}")
+                             f"{num_classes} classes ({names}): set num_classes={num_classes}")
+        # The class names travel with the model and its checkpoints (evaluate and predict use them).
+        self.class_names = [str(n) for n in getattr(self.dataset, "classes", ())]
+        for m in (self.model, self.rpn_model):
+            if m is not None:
+                m.class_names = list(self.class_names)
         self.sampler = EpochSampler(self.dataset, self.world_size, self.rank, seed=train_cfg.seed,
                                     batch_size=train_cfg.batch_size)
         self.iters_per_epoch = self.sampler.batches_per_epoch()
@@ -521,6 +527,7 @@ class Trainer:
             "epoch_step": self.epoch_step,
             "rng": rng_state(),
             "configs": {"model": to_dict(self.model_cfg), "data": to_dict(self.data_cfg), "train": to_dict(self.cfg)},
+            "classes": list(self.class_names),
             "history": self.history,
             "world_size": self.world_size,
             "elapsed_s": elapsed,

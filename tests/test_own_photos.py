@@ -1,0 +1,171 @@
+"""Your own photos through the CLI: custom class names, a train/test-only folder, VOC and COCO.
+
+The folders are written here (small JPEGs with drawn objects); nothing is downloaded.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rpnlab import cli
+from rpnlab.config import DataConfig
+from rpnlab.data.build import (
+    available_splits,
+    build_dataset,
+    evaluation_split,
+    parse_classes,
+    resolve_classes,
+)
+
+CLASSES = ("mug", "stapler")  # not Pascal VOC names: they must come from the annotations
+COLOURS = {"mug": (200, 30, 30), "stapler": (30, 30, 200)}
+
+
+def _photo(rng: np.random.Generator, w: int = 96, h: int = 72) -> tuple[np.ndarray, list[tuple[str, list[int]]]]:
+    pixels = np.full((h, w, 3), 235, dtype=np.uint8)
+    objects = []
+    for name in CLASSES:
+        bw, bh = rng.integers(16, 32, size=2)
+        x, y = rng.integers(0, w - bw), rng.integers(0, h - bh)
+        pixels[y:y + bh, x:x + bw] = COLOURS[name]
+        objects.append((name, [int(x), int(y), int(x + bw), int(y + bh)]))
+    return pixels, objects
+
+
+def make_voc(root, n_train: int = 6, n_test: int = 3, splits=("train", "test")):
+    """A LabelImg-style folder: Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{train,test}.txt."""
+    rng = np.random.default_rng(0)
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = {"train": [f"tr{i}" for i in range(n_train)], "test": [f"te{i}" for i in range(n_test)]}
+    for split in splits:
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids[split]) + "\n")
+        for name in ids[split]:
+            pixels, objects = _photo(rng)
+            Image.fromarray(pixels).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+            xml = "".join(
+                f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{b[0] + 1}</xmin>"
+                f"<ymin>{b[1] + 1}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                for c, b in objects
+            )
+            (root / "Annotations" / f"{name}.xml").write_text(
+                f"<annotation><filename>{name}.jpg</filename><size><width>96</width><height>72</height>"
+                f"<depth>3</depth></size>{xml}</annotation>"
+            )
+    return root
+
+
+def make_coco(root, n_train: int = 6, n_test: int = 3):
+    """``train/`` + ``annotations/train.json`` and ``test/`` + ``annotations/test.json``; category ids 3 and 7."""
+    rng = np.random.default_rng(1)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    ids = {"mug": 7, "stapler": 3}
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / split).mkdir(exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            pixels, objects = _photo(rng)
+            Image.fromarray(pixels).save(root / split / f"{i}.jpg", quality=95)
+            images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 96, "height": 72})
+            for c, (x1, y1, x2, y2) in objects:
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ids[c], "iscrowd": 0,
+                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+        categories = [{"id": 3, "name": "stapler"}, {"id": 7, "name": "mug"}]
+        (root / "annotations" / f"{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return root
+
+
+SMALL = ["--min-size", "64", "--max-size", "96", "--batch-size", "2", "--epochs", "1", "--max-iters", "2",
+         "--rpn-post-nms-top-n-train", "30", "--roi-batch-size-per-image", "16", "--device", "cpu", "--no-progress"]
+
+
+def _error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(argv))
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_classes_and_splits_come_from_the_folder(tmp_path):
+    root = make_voc(tmp_path / "voc")
+    cfg = DataConfig(dataset="voc", root=str(root))
+    assert resolve_classes(cfg) == ("mug", "stapler")  # sorted names used in train.txt's annotations
+    assert available_splits(cfg) == ["test", "train"]
+    assert evaluation_split(cfg) == "test"  # no val split
+    with pytest.raises(ValueError, match=r"split 'val' not found .* splits found: test, train"):
+        build_dataset(cfg, "val")
+    (tmp_path / "names.txt").write_text("stapler\nmug\n")
+    assert parse_classes(str(tmp_path / "names.txt")) == ("stapler", "mug")
+    with pytest.raises(ValueError, match="repeats 'mug'"):
+        parse_classes("mug,mug")
+    # Names that match no object: an error listing the names the annotations use, not 0 boxes.
+    with pytest.raises(ValueError, match="mug, stapler .*no object would be kept"):
+        build_dataset(DataConfig(dataset="voc", root=str(root), classes="cat,dog"), "train")
+    # A subset on purpose: the other class is skipped.
+    subset = build_dataset(DataConfig(dataset="voc", root=str(root), classes="stapler"), "train")
+    assert subset.classes == ("stapler",) and all(set(subset.get_target(i)["labels"].tolist()) == {1}
+                                                  for i in range(len(subset)))
+    # Data with classes a model does not know: an error before any inference.
+    with pytest.raises(ValueError, match="not in classes=\\['mug'\\]: stapler"):
+        build_dataset(cfg, "test", classes=["mug"])
+
+
+def test_voc_folder_train_evaluate_predict(tmp_path, capsys):
+    root = make_voc(tmp_path / "voc")
+    run = tmp_path / "run"
+    code = cli.main(["train", "--dataset", "voc", "--root", str(root), *SMALL, "--out-dir", str(run), "--evaluate"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "classes: 1=mug, 2=stapler" in out
+    assert "evaluating on split 'test'" in out and "test mAP@0.5" in out
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["classes"] == ["mug", "stapler"] and state["configs"]["model"]["num_classes"] == 2
+
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--device", "cpu", "--no-progress",
+                     "--json", str(metrics)]) == 0
+    out = capsys.readouterr().out
+    assert "evaluating on split 'test'" in out and "| mug |" in out and "| stapler |" in out
+    assert set(json.loads(metrics.read_text())["ap_per_class"]) == {"mug", "stapler"}
+
+    pred = tmp_path / "pred"
+    image = root / "JPEGImages" / "te0.jpg"
+    assert cli.main(["predict", str(image), "--checkpoint", str(run / "checkpoint.pt"), "--out", str(pred),
+                     "--score-thresh", "0", "--device", "cpu"]) == 0
+    for d in json.loads((pred / "detections.json").read_text())[0]["detections"]:
+        assert d["name"] == CLASSES[d["label"] - 1]
+
+    # Errors before any work: a missing split lists those found; --num-classes against the data.
+    err = _error(capsys, "evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--split", "val", "--device", "cpu")
+    assert "split 'val' not found" in err and "splits found: test, train" in err
+    err = _error(capsys, "train", "--dataset", "voc", "--root", str(root), "--num-classes", "20", *SMALL,
+                 "--out-dir", str(tmp_path / "bad"))
+    assert "--num-classes 20 but the data has 2 classes (mug, stapler)" in err
+    # The same checkpoint on data with a class it never learnt.
+    other = make_voc(tmp_path / "other")
+    xml = other / "Annotations" / "te0.xml"
+    xml.write_text(xml.read_text().replace("<name>mug</name>", "<name>cup</name>"))
+    err = _error(capsys, "evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--root", str(other),
+                 "--device", "cpu")
+    assert "cup" in err and "not in classes=['mug', 'stapler']" in err
+
+
+def test_coco_folder_train_evaluate_predict(tmp_path, capsys):
+    root = make_coco(tmp_path / "coco")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "coco", "--root", str(root), *SMALL, "--out-dir", str(run)]) == 0
+    assert "classes: 1=stapler, 2=mug" in capsys.readouterr().out  # category id order (3, 7)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["classes"] == ["stapler", "mug"]
+    assert cli.main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--device", "cpu",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluating on split 'test'" in out and "| stapler |" in out
+    pred = tmp_path / "pred"
+    assert cli.main(["predict", str(root / "test" / "0.jpg"), "--checkpoint", str(run / "checkpoint.pt"),
+                     "--out", str(pred), "--score-thresh", "0", "--device", "cpu"]) == 0
+    for d in json.loads((pred / "detections.json").read_text())[0]["detections"]:
+        assert d["name"] in ("stapler", "mug") and not d["name"].startswith("class")
