@@ -581,13 +581,14 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     resize = ResizeShortestSide(data_cfg.min_size, data_cfg.max_size)
     results = []
     for path in args.images:
-        image = load_image(path)  # (3, H, W) in [0, 1]
-        h, w = image.shape[-2:]
+        # (3, h, w) in [0, 1]; a large JPEG is decoded at reduced scale, (H, W) is the file's size
+        image, (h, w) = load_image(path, data_cfg.min_size, data_cfg.max_size, with_file_size=True)
         resized, _ = resize(image, {"boxes": torch.zeros(0, 4)})
         det = model.predict([resized.to(device)], score_thresh=args.score_thresh)[0]
         # Back to the file's pixels: the model saw the resized image.
         scale = torch.tensor([w / resized.shape[-1], h / resized.shape[-2]] * 2, device=det["boxes"].device)
         boxes = (det["boxes"] * scale).cpu()
+        shown = torch.tensor([image.shape[-1] / w, image.shape[-2] / h] * 2)  # file pixels -> drawn pixels
         entry = {
             "image": str(path),
             "size": [int(h), int(w)],
@@ -599,7 +600,7 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         }
         results.append(entry)
         target = out / (Path(path).stem + ".png")
-        _draw(image, entry["detections"], target)
+        _draw(image, [{**d, "box": (torch.tensor(d["box"]) * shown).tolist()} for d in entry["detections"]], target)
         print(f"{path}: {len(entry['detections'])} detection(s) -> {target}")
     (out / "detections.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"detections written to {out / 'detections.json'}")

@@ -169,3 +169,30 @@ def test_coco_folder_train_evaluate_predict(tmp_path, capsys):
                      "--out", str(pred), "--score-thresh", "0", "--device", "cpu"]) == 0
     for d in json.loads((pred / "detections.json").read_text())[0]["detections"]:
         assert d["name"] in ("stapler", "mug") and not d["name"].startswith("class")
+
+
+def test_large_jpegs_are_decoded_at_reduced_scale_with_their_boxes(tmp_path):
+    from rpnlab.data.imageio import load_image
+
+    root = make_voc(tmp_path / "voc", n_train=2, n_test=1)
+    big = Image.open(root / "JPEGImages" / "tr0.jpg").resize((96 * 8, 72 * 8), Image.NEAREST)
+    big.save(root / "JPEGImages" / "tr0.jpg", quality=95)
+    xml = root / "Annotations" / "tr0.xml"
+    text = xml.read_text().replace("<width>96</width><height>72</height>", "<width>768</width><height>576</height>")
+    for tag in ("xmin", "ymin", "xmax", "ymax"):  # the boxes of the 8x larger file
+        parts = text.split(f"<{tag}>")
+        text = parts[0] + "".join(f"<{tag}>" + str(int(p.split("<")[0]) * 8 - (7 if tag[1:] == "min" else 0))
+                                  + p[len(p.split("<")[0]):] for p in parts[1:])
+    xml.write_text(text)
+    cfg = DataConfig(dataset="voc", root=str(root), min_size=72, max_size=96, hflip_prob=0.0)
+    image, target = build_dataset(cfg, "train")[0]
+    assert image.shape == (3, 72, 96) and target["orig_size"] == (576, 768)
+    full = load_image(root / "JPEGImages" / "tr0.jpg")
+    reduced, size = load_image(root / "JPEGImages" / "tr0.jpg", 72, 96, with_file_size=True)
+    assert full.shape == (3, 576, 768) and size == (576, 768)
+    assert reduced.shape == (3, 72, 96)  # the 1/8 DCT scale: just what the resize needs
+    # The boxes land on the drawn objects: their mean colour is the class colour.
+    for box, label in zip(target["boxes"].round().int().tolist(), target["labels"].tolist()):
+        x1, y1, x2, y2 = box
+        colour = image[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1].mean(dim=(1, 2)) * 255
+        assert torch.allclose(colour, torch.tensor(COLOURS[CLASSES[label - 1]], dtype=torch.float32), atol=25)
