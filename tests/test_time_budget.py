@@ -26,5 +26,5 @@ def test_a_budget_decays_the_rate_to_its_end(tmp_path, monkeypatch, capsys):
     lrs = [h["lr"] for h in result.history]
     # Without fitting, the cosine over 200 iterations would still be above 97% of its peak here.
     assert lrs[0] == pytest.approx(0.01) and lrs[-1] < 0.2 * 0.01
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
     assert "budget" in capsys.readouterr().err  # the bar shows the seconds used of the budget

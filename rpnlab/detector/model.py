@@ -141,6 +141,14 @@ class FasterRCNN(nn.Module):
         return cls(backbone, rpn, roi_heads, config.num_classes, config=config)
 
     @classmethod
+    def from_torchvision(cls, model: nn.Module) -> FasterRCNN:
+        """torchvision's ``fasterrcnn_resnet50_fpn`` (v1, v2) or ``fasterrcnn_mobilenet_v3_large(_320)_fpn``
+        as an rpnlab model with the same weights and detections (``rpnlab.detector.torchvision_models``)."""
+        from rpnlab.detector.torchvision_models import from_torchvision
+
+        return from_torchvision(model)
+
+    @classmethod
     def from_state(cls, state: dict, map_location: str | torch.device = "cpu") -> FasterRCNN:
         """Rebuild a model from a training checkpoint's contents (``rpnlab.engine.checkpoint``), in eval mode.
 
