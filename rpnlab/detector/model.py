@@ -144,9 +144,16 @@ class FasterRCNN(nn.Module):
     def from_torchvision(cls, model: nn.Module) -> FasterRCNN:
         """torchvision's ``fasterrcnn_resnet50_fpn`` (v1, v2) or ``fasterrcnn_mobilenet_v3_large(_320)_fpn``
         as an rpnlab model with the same weights and detections (``rpnlab.detector.torchvision_models``)."""
-        from rpnlab.detector.torchvision_models import from_torchvision
+        from rpnlab.detector.torchvision_models import torchvision_parts
 
-        return from_torchvision(model)
+        parts = torchvision_parts(model)
+        out = cls(parts["backbone"], parts["rpn"], parts["roi_heads"], parts["num_classes"],
+                  image_mean=parts["image_mean"], image_std=parts["image_std"],
+                  size_divisible=parts["size_divisible"], config=parts["config"])
+        out.torchvision_name = parts["name"]  # the torchvision builder it came from
+        out.input_size = parts["input_size"]  # torchvision's (min_size, max_size) resize, for DataConfig
+        out.class_names = parts["class_names"]
+        return out.eval()
 
     @classmethod
     def from_state(cls, state: dict, map_location: str | torch.device = "cpu") -> FasterRCNN:

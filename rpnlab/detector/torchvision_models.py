@@ -1,6 +1,6 @@
 """torchvision's Faster R-CNN detectors as rpnlab models: same weights, same detections.
 
-``from_torchvision(model)`` (also ``FasterRCNN.from_torchvision``) takes one of
+``FasterRCNN.from_torchvision(model)`` (assembled from ``torchvision_parts(model)``) takes one of
 
 - ``fasterrcnn_resnet50_fpn`` (v1) and ``fasterrcnn_resnet50_fpn_v2``,
 - ``fasterrcnn_mobilenet_v3_large_fpn`` and ``fasterrcnn_mobilenet_v3_large_320_fpn``
@@ -43,8 +43,8 @@ __all__ = [
     "TORCHVISION_DETECTORS",
     "TorchvisionBackbone",
     "TorchvisionBoxHead",
-    "from_torchvision",
     "torchvision_detector",
+    "torchvision_parts",
 ]
 
 #: The torchvision builders ``from_torchvision`` converts.
@@ -137,16 +137,17 @@ def _matcher_thresholds(matcher) -> tuple[float, float]:
     return float(matcher.high_threshold), float(matcher.low_threshold)
 
 
-def from_torchvision(model: nn.Module):
-    """An rpnlab ``FasterRCNN`` with ``model``'s weights and settings (see the module docstring).
+def torchvision_parts(model: nn.Module) -> dict:
+    """The pieces of an rpnlab ``FasterRCNN`` with ``model``'s weights and settings (module docstring).
 
-    ``model`` is not changed: its modules are deep-copied. The result is in eval mode, with
-    ``class_names`` from ``model``'s weights metadata when it has them (COCO's categories for
-    the published weights, ``"N/A"`` for the unused ids among 1..90), else ``class 1..C``.
+    Returns ``dict(backbone, rpn, roi_heads, num_classes, image_mean, image_std, size_divisible,
+    config, name, input_size, class_names)``; ``FasterRCNN.from_torchvision`` assembles them.
+    ``model`` is not changed: its modules are deep-copied. ``class_names`` are the categories of
+    the weights when ``model.rpnlab_categories`` holds them (set by the weights loader), else
+    ``class 1..C``.
     """
     from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
-    from rpnlab.detector.model import FasterRCNN
     from rpnlab.detector.roi_heads import FastRCNNHead, RoIHeads
     from rpnlab.detector.rpn import RegionProposalNetwork, RPNHead
 
@@ -219,12 +220,13 @@ def from_torchvision(model: nn.Module):
     transform = model.transform
     config = ModelConfig(num_classes=num_classes, backbone="mobilenet_v3_fpn" if "mobilenet" in name else "small",
                          anchors=anchors, rpn=rpn_cfg, roi=roi_cfg)
-    out = FasterRCNN(backbone, rpn, roi_heads, num_classes, image_mean=tuple(transform.image_mean),
-                     image_std=tuple(transform.image_std), size_divisible=int(transform.size_divisible), config=config)
-    out.torchvision_name = name
-    out.input_size = (int(min(transform.min_size)), int(transform.max_size))
-    out.class_names = _class_names(model, num_classes)
-    return out.eval()
+    return {
+        "backbone": backbone, "rpn": rpn, "roi_heads": roi_heads, "num_classes": num_classes,
+        "image_mean": tuple(transform.image_mean), "image_std": tuple(transform.image_std),
+        "size_divisible": int(transform.size_divisible), "config": config, "name": name,
+        "input_size": (int(min(transform.min_size)), int(transform.max_size)),
+        "class_names": _class_names(model, num_classes),
+    }
 
 
 def _class_names(model: nn.Module, num_classes: int) -> list[str]:
