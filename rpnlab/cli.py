@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rpnlab.config import (
+    BACKBONE_NAMES,
     AnchorConfig,
     DataConfig,
     ModelConfig,
@@ -51,7 +52,7 @@ __all__ = [
     "preset_configs",
 ]
 
-PRESETS = ("synthetic", "defaults")
+PRESETS = ("synthetic", "defaults", "photos")
 
 # Sections of options: (name, config class, option prefix). Model sub-configs get a prefix, since
 # several of their fields share names (fg_iou_thresh, nms_thresh, ...).
@@ -64,10 +65,11 @@ _SECTIONS = (
     ("train", TrainConfig, ""),
 )
 _RENAMED = {("data", "seed"): "data-seed"}  # TrainConfig.seed is --seed
+_ALIASES = {("model", "pretrained"): ("--backbone-weights",)}  # second names of an option
 _NESTED = ("anchors", "rpn", "roi")  # ModelConfig fields that are sections of their own
 
 _CHOICES = {
-    ("model", "backbone"): ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"),
+    ("model", "backbone"): BACKBONE_NAMES,
     ("anchors", "ratio_convention"): ("h/w", "w/h"),
     ("rpn", "objectness"): ("sigmoid", "softmax"),
     ("rpn", "loss_normalization"): ("sampled", "paper"),
@@ -82,9 +84,15 @@ _CHOICES = {
 
 _HELP = {
     ("model", "num_classes"): "foreground classes C (background excluded); 3 for the synthetic shapes, 20 for VOC",
-    ("model", "backbone"): "feature extractor shared by the RPN and the RoI head",
-    ("model", "pretrained"): "backbone weights: a file path, 'cache' (torchvision's file in the local torch hub "
-                             "cache or data/weights; never downloaded) or 'none' (random init)",
+    ("model", "backbone"): "feature extractor shared by the RPN and the RoI head, or a whole torchvision "
+                           "detector (fasterrcnn_*: its backbone, FPN and heads)",
+    ("model", "pretrained"): "backbone weights (also --backbone-weights): 'imagenet' (torchvision's weights API: "
+                             "the torch hub cache, downloaded there when online), a file path, 'cache' (the hub "
+                             "cache or data/weights only, never downloaded) or 'none' (random init)",
+    ("model", "init"): "start from a whole detector: 'torchvision:<name>' (COCO weights through torchvision's "
+                       "weights API, a new box predictor for your classes; sets --backbone and, unless given, "
+                       "the anchors, RPN/RoI settings and --min-size/--max-size to that model's) or the path "
+                       "of such a torchvision state dict; 'none': no init",
     ("anchors", "sizes"): "anchor sizes (sqrt of area, px); one level: '16 32 64', several levels: '32,64 128,256' "
                           "or JSON '[[32, 64], [128, 256]]'",
     ("anchors", "aspect_ratios"): "anchor aspect ratios; same forms as --anchor-sizes (a single level is used for "
@@ -216,7 +224,8 @@ def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, Tr
     """The ``(model, data, train)`` configs of a preset.
 
     ``"synthetic"``: the CPU configuration for the embedded shapes (``synthetic_model_config``,
-    ``synthetic_train_config``); ``"defaults"``: the dataclass defaults (the paper's values).
+    ``synthetic_train_config``); ``"defaults"``: the dataclass defaults (the paper's values);
+    ``"photos"``: a few hundred photos from scratch, no weights at all (``photos_configs``).
     """
     if name == "synthetic":
         from rpnlab.detector.model import synthetic_model_config
@@ -225,7 +234,31 @@ def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, Tr
         return synthetic_model_config(), DataConfig(), synthetic_train_config()
     if name == "defaults":
         return ModelConfig(), DataConfig(), TrainConfig()
+    if name == "photos":
+        return photos_configs()
     raise ValueError(f"preset={name!r} is invalid: expected one of {', '.join(map(repr, PRESETS))}")
+
+
+def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """From scratch on a few hundred photos, when no pretrained weights are available.
+
+    The small backbone (GroupNorm: batches of 4 train like larger ones; inputs normalised with
+    the ImageNet mean and std inside the model, as always) at 320/512 px, stride 8; anchors of
+    32-256 px for objects that fill a good part of a photo; horizontal flips; a long cosine
+    schedule (60 epochs of ~200 images: about 3000 iterations) that ``--time-budget-s`` shortens
+    to fit. Expect much less than from ``--init torchvision:<name>``: 200 photos are few to learn
+    features from.
+    """
+    from rpnlab.detector.model import synthetic_model_config
+
+    model = synthetic_model_config()
+    model.anchors = AnchorConfig(sizes=((32.0, 64.0, 128.0, 256.0),), aspect_ratios=((0.5, 1.0, 2.0),),
+                                 strides=(8,), offset=0.5)
+    model.rpn.pre_nms_top_n_train, model.rpn.post_nms_top_n_train = 2000, 500
+    model.rpn.pre_nms_top_n_test, model.rpn.post_nms_top_n_test = 1000, 300
+    data = DataConfig(min_size=320, max_size=512, hflip_prob=0.5)
+    train = TrainConfig(epochs=60, batch_size=4, lr=0.02, warmup_iters=100, lr_schedule="cosine")
+    return model.validate(), data.validate(), train.validate()
 
 
 def _section_defaults(model: ModelConfig, data: DataConfig, train: TrainConfig) -> dict[str, Any]:
@@ -248,6 +281,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: Sequence[str
             if section == "model" and f.name in _NESTED:
                 continue
             name = option_name(section, f.name)
+            names = [name, *_ALIASES.get((section, f.name), ())]
             kwargs: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS}
             help_text = _HELP[(section, f.name)]
             default = getattr(shown[section], f.name)
@@ -272,7 +306,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: Sequence[str
             if (section, f.name) in _CHOICES:
                 kwargs["choices"] = _CHOICES[(section, f.name)]
             kwargs["help"] = f"{help_text} (default: {_show(default)})"
-            group.add_argument(name, **kwargs)
+            group.add_argument(*names, **kwargs)
 
 
 def configs_from_args(
@@ -286,6 +320,22 @@ def configs_from_args(
         else:
             base = preset_configs(getattr(args, "preset", "synthetic"))
     model, data, train = (dataclasses.replace(c) for c in base)
+    given = vars(args)
+    init = given.get(_dest("model", "init"))
+    if init and str(init).startswith("torchvision:"):
+        # --init torchvision:<name>: that detector's architecture and settings are the base the
+        # other options edit (its resize too, unless --min-size/--max-size are given).
+        from rpnlab.config import TORCHVISION_DETECTORS
+
+        name = str(init).split(":", 1)[1]
+        if name not in TORCHVISION_DETECTORS:
+            raise ValueError(f"--init={init} is invalid: expected torchvision:<name> with one of "
+                             + ", ".join(TORCHVISION_DETECTORS))
+        from rpnlab.detector.torchvision_models import torchvision_detector, torchvision_parts
+
+        parts = torchvision_parts(torchvision_detector(name, num_classes=model.num_classes + 1))
+        model = dataclasses.replace(parts["config"], num_classes=model.num_classes, init=init)
+        data.min_size, data.max_size = parts["input_size"]
     model.anchors, model.rpn, model.roi = (dataclasses.replace(c) for c in (model.anchors, model.rpn, model.roi))
     targets = _section_defaults(model, data, train)
     for key, value in vars(args).items():
@@ -304,6 +354,8 @@ def configs_from_args(
         model.anchors.aspect_ratios = model.anchors.aspect_ratios * len(model.anchors.sizes)
     if model.pretrained is not None and str(model.pretrained).lower() == "none":
         model.pretrained = None
+    if model.init is not None and str(model.init).lower() == "none":
+        model.init = None
     sections = _section_defaults(model, data, train)
     # The stage configs first, so that their errors are named with their own prefixes.
     for section in ("anchors", "rpn", "roi", "model", "data", "train"):
@@ -366,8 +418,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` command's own options plus every config option."""
     p.add_argument("--preset", choices=PRESETS, default="synthetic",
-                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes) or "
-                        "'defaults' (the dataclass defaults, the paper's values)")
+                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes), "
+                        "'defaults' (the dataclass defaults, the paper's values) or 'photos' (your photos from "
+                        "scratch, no weights: small backbone at 320/512 px)")
     p.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue the run saved in this checkpoint (its configs are the starting point)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "BACKBONE_NAMES",
+    "TORCHVISION_DETECTORS",
     "AnchorConfig",
     "DataConfig",
     "ModelConfig",
@@ -221,20 +223,45 @@ class RoIConfig:
         return self
 
 
+#: torchvision detectors rpnlab can rebuild whole (``ModelConfig.backbone``; ``--init torchvision:<name>``).
+TORCHVISION_DETECTORS = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+BACKBONE_NAMES = ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn", *TORCHVISION_DETECTORS)
+
+
 @dataclass
 class ModelConfig:
-    """The assembled detector: backbone choice plus the three stage configs."""
+    """The assembled detector: backbone choice plus the three stage configs.
+
+    ``backbone`` may also name a whole torchvision detector (``TORCHVISION_DETECTORS``): its
+    backbone, FPN, RPN head and box head, converted (``rpnlab.detector.torchvision_models``).
+    """
 
     num_classes: int = 3  # foreground classes, background excluded
-    backbone: str = "small"  # "small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"
-    pretrained: str | None = None  # path to a weights file, "cache" for torchvision's local cache, or None
+    backbone: str = "small"  # "small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn", or a torchvision detector
+    pretrained: str | None = None  # backbone weights: a file, "imagenet" (weights API), "cache" (local only), or None
+    # Whole-detector weights: "torchvision:<name>" (COCO weights through the weights API, a new box
+    # predictor for num_classes) or the path of such a torchvision state dict; None: no init.
+    init: str | None = None
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
 
     def validate(self) -> ModelConfig:
         _positive_int("num_classes", self.num_classes)
-        _choice("backbone", self.backbone, ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"))
+        _choice("backbone", self.backbone, BACKBONE_NAMES)
+        if self.init is not None:
+            if self.backbone not in TORCHVISION_DETECTORS:
+                _fail("init", self.init, f"None with backbone {self.backbone!r} (--init needs a torchvision "
+                      "detector: 'torchvision:<name>' with one of " + ", ".join(TORCHVISION_DETECTORS) + ")")
+            if str(self.init).startswith("torchvision:") and self.init.split(":", 1)[1] != self.backbone:
+                _fail("init", self.init, f"'torchvision:{self.backbone}', the backbone's own weights")
+        if self.backbone in TORCHVISION_DETECTORS and self.pretrained is not None:
+            _fail("pretrained", self.pretrained, "None for a torchvision detector (use init)")
         self.anchors.validate()
         self.rpn.validate()
         self.roi.validate()

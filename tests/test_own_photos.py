@@ -196,3 +196,14 @@ def test_large_jpegs_are_decoded_at_reduced_scale_with_their_boxes(tmp_path):
         x1, y1, x2, y2 = box
         colour = image[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1].mean(dim=(1, 2)) * 255
         assert torch.allclose(colour, torch.tensor(COLOURS[CLASSES[label - 1]], dtype=torch.float32), atol=25)
+
+
+def test_photos_preset_trains_from_scratch(tmp_path, capsys):
+    root = make_voc(tmp_path / "voc", n_train=2, n_test=2)
+    model, data, _ = cli.preset_configs("photos")
+    assert (data.min_size, data.max_size, model.backbone, model.pretrained) == (320, 512, "small", None)
+    argv = ["train", "--preset", "photos", "--dataset", "voc", "--root", str(root), "--max-iters", "1",
+            "--min-size", "64", "--max-size", "96", "--device", "cpu", "--no-progress", "--out-dir", str(tmp_path / "r")]
+    assert cli.main(argv) == 0
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert state["configs"]["train"]["epochs"] == 60 and state["classes"] == ["mug", "stapler"]

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rpnlab.config import AnchorConfig, ModelConfig, RoIConfig, RPNConfig
+from rpnlab.config import TORCHVISION_DETECTORS, AnchorConfig, ModelConfig, RoIConfig, RPNConfig
 from rpnlab.detector.backbones import build_backbone
 from rpnlab.detector.images import ImageBatch, pad_images
 
@@ -125,6 +125,8 @@ class FasterRCNN(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         config.validate()
+        if config.backbone in TORCHVISION_DETECTORS:
+            return cls._from_torchvision_config(config)
         backbone, channels, strides = build_backbone(config.backbone, config.pretrained)
         if tuple(config.anchors.strides) != tuple(strides):
             raise ValueError(
@@ -139,6 +141,28 @@ class FasterRCNN(nn.Module):
         roi_heads = RoIHeads.from_config(config.roi, channels, config.num_classes,
                                          spatial_scale=scales[0] if len(scales) == 1 else scales)
         return cls(backbone, rpn, roi_heads, config.num_classes, config=config)
+
+    @classmethod
+    def _from_torchvision_config(cls, config: ModelConfig) -> FasterRCNN:
+        """A torchvision detector's architecture (and ``config.init``'s weights) with the config's
+        RPN and RoI settings (thresholds, counts, sampling); its anchors must be torchvision's."""
+        from rpnlab.detector.roi_heads import RoIHeads
+        from rpnlab.detector.rpn import RegionProposalNetwork
+        from rpnlab.detector.torchvision_models import torchvision_model_for, torchvision_parts
+
+        parts = torchvision_parts(torchvision_model_for(config))
+        if parts["config"].anchors != config.anchors:
+            raise ValueError(f"anchors={config.anchors} differ from those of {config.backbone!r}, whose head "
+                             f"was trained for {parts['config'].anchors}; start from "
+                             f"rpnlab.detector.torchvision_models.torchvision_model_config({config.backbone!r})")
+        rpn = RegionProposalNetwork(parts["rpn"].anchor_generator, parts["rpn"].head, config.rpn)
+        roi_heads = RoIHeads(parts["roi_heads"].pooler, parts["roi_heads"].head, config.roi, config.num_classes)
+        model = cls(parts["backbone"], rpn, roi_heads, config.num_classes, image_mean=parts["image_mean"],
+                    image_std=parts["image_std"], size_divisible=parts["size_divisible"], config=config)
+        model.torchvision_name = parts["name"]
+        model.input_size = parts["input_size"]
+        model.class_names = parts["class_names"]
+        return model
 
     @classmethod
     def from_torchvision(cls, model: nn.Module) -> FasterRCNN:
@@ -168,10 +192,11 @@ class FasterRCNN(nn.Module):
         if "model" not in state or "model" not in state.get("configs", {}):
             raise ValueError("not an rpnlab training checkpoint: it has no model weights or no model config")
         config = from_dict(ModelConfig, state["configs"]["model"])
-        config.pretrained = None
+        config.pretrained = config.init = None  # the state has every weight
         model = cls.from_config(config)
         model.load_state_dict(state["model"])
         model.config.pretrained = state["configs"]["model"].get("pretrained")
+        model.config.init = state["configs"]["model"].get("init")
         names = state.get("classes")
         if isinstance(names, (list, tuple)) and len(names) == model.num_classes:
             model.class_names = [str(n) for n in names]

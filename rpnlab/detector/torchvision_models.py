@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rpnlab.config import AnchorConfig, ModelConfig, RoIConfig, RPNConfig
+from rpnlab.config import TORCHVISION_DETECTORS, AnchorConfig, ModelConfig, RoIConfig, RPNConfig
 from rpnlab.detector.backbones import Backbone
 
 __all__ = [
@@ -44,17 +44,10 @@ __all__ = [
     "TorchvisionBackbone",
     "TorchvisionBoxHead",
     "torchvision_detector",
+    "torchvision_model_config",
+    "torchvision_model_for",
     "torchvision_parts",
 ]
-
-#: The torchvision builders ``from_torchvision`` converts.
-TORCHVISION_DETECTORS = (
-    "fasterrcnn_resnet50_fpn",
-    "fasterrcnn_resnet50_fpn_v2",
-    "fasterrcnn_mobilenet_v3_large_fpn",
-    "fasterrcnn_mobilenet_v3_large_320_fpn",
-)
-
 
 class TorchvisionBackbone(Backbone):
     """A torchvision detection backbone (``BackboneWithFPN``) as an rpnlab ``Backbone``.
@@ -218,8 +211,7 @@ def torchvision_parts(model: nn.Module) -> dict:
         roi_heads.pooler = _PoolLevels(roi_heads.pooler, levels)
 
     transform = model.transform
-    config = ModelConfig(num_classes=num_classes, backbone="mobilenet_v3_fpn" if "mobilenet" in name else "small",
-                         anchors=anchors, rpn=rpn_cfg, roi=roi_cfg)
+    config = ModelConfig(num_classes=num_classes, backbone=name, anchors=anchors, rpn=rpn_cfg, roi=roi_cfg)
     return {
         "backbone": backbone, "rpn": rpn, "roi_heads": roi_heads, "num_classes": num_classes,
         "image_mean": tuple(transform.image_mean), "image_std": tuple(transform.image_std),
@@ -243,3 +235,85 @@ def torchvision_detector(name: str, num_classes: int = 91, **kwargs) -> nn.Modul
     if name not in TORCHVISION_DETECTORS:
         raise ValueError(f"name={name!r} is invalid: expected one of {', '.join(TORCHVISION_DETECTORS)}")
     return getattr(detection, name)(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+
+def _init_state(spec: str, name: str) -> tuple[dict, list[str] | None]:
+    """``(state dict, categories or None)`` of ``ModelConfig.init``: ``"torchvision:<name>"`` (the
+    weights API: hub cache, downloaded there when online) or a file holding such a state dict."""
+    from pathlib import Path
+
+    from rpnlab.detector.backbones import torchvision_weights_file
+
+    if spec.startswith("torchvision:"):
+        from torchvision.models import get_model_weights
+
+        weights = get_model_weights(name).DEFAULT
+        path, categories = torchvision_weights_file(weights), list(weights.meta["categories"])
+    else:
+        path, categories = Path(spec).expanduser(), None
+        if not path.is_file():
+            raise FileNotFoundError(f"init={spec!r}: no such file (expected 'torchvision:{name}' or the path of a "
+                                    f"{name} state dict)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not any(k.startswith("roi_heads.") for k in state):
+        raise ValueError(f"init={spec!r}: {path} does not hold the state dict of a torchvision Faster R-CNN")
+    return state, categories
+
+
+def _freeze_like_torchvision(model: nn.Module, name: str, trainable_layers: int = 3) -> None:
+    """What torchvision's builders do for a pretrained detector: frozen batch norm in the trunk
+    (v1 and MobileNet; v2 keeps ordinary batch norm) and only the last ``trainable_layers`` stages learn."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    body = model.backbone.body
+    if not name.endswith("_v2"):
+        for parent in list(body.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.BatchNorm2d):
+                    frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(frozen, key).copy_(getattr(child, key).detach())
+                    setattr(parent, child_name, frozen)
+    if hasattr(body, "layer1"):  # ResNet-50: layer4, layer3, layer2 learn
+        train = ("layer4", "layer3", "layer2", "layer1", "conv1")[:trainable_layers]
+        for key, p in body.named_parameters():
+            p.requires_grad_(key.startswith(train))
+    else:  # MobileNetV3: the stages after torchvision's freeze point learn
+        blocks = list(body.children())
+        stages = [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+        freeze_before = stages[len(stages) - trainable_layers]
+        for block in blocks[:freeze_before]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+
+
+def torchvision_model_for(config: ModelConfig) -> nn.Module:
+    """The torchvision detector ``config.backbone`` for ``config.num_classes`` classes.
+
+    With ``config.init``, its weights (COCO's for ``"torchvision:<name>"``) are loaded, the first
+    stages and the trunk's batch norm frozen as torchvision does for fine-tuning, and, unless
+    ``num_classes`` is the weights' own (90 for COCO), the box predictor replaced by a fresh one
+    for ``num_classes + 1`` outputs: torchvision's fine-tuning tutorial. ``model.rpnlab_categories``
+    then holds the weights' category names when the predictor is theirs.
+    """
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    name = config.backbone
+    if config.init is None:
+        return torchvision_detector(name, num_classes=config.num_classes + 1)
+    state, categories = _init_state(str(config.init), name)
+    own_classes = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
+    model = torchvision_detector(name, num_classes=own_classes)
+    model.load_state_dict(state)
+    _freeze_like_torchvision(model, name)
+    if own_classes != config.num_classes + 1:
+        in_features = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, config.num_classes + 1)
+    elif categories is not None:
+        model.rpnlab_categories = categories
+    return model
+
+
+def torchvision_model_config(name: str, num_classes: int = 90) -> ModelConfig:
+    """The ``ModelConfig`` of torchvision's ``name`` (its anchors, counts and thresholds)."""
+    return torchvision_parts(torchvision_detector(name, num_classes=num_classes + 1))["config"]
