@@ -207,3 +207,21 @@ def test_photos_preset_trains_from_scratch(tmp_path, capsys):
     assert cli.main(argv) == 0
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert state["configs"]["train"]["epochs"] == 60 and state["classes"] == ["mug", "stapler"]
+
+
+def test_readme_section_commands_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "data" / "README.md").read_text()
+    section = text.split("## Your own photos in 5 minutes", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for line in section.splitlines() if line.strip().startswith("rpnlab ")]
+    assert len(commands) == 3
+    parser = cli.build_parser()
+    for command in commands:
+        parser.parse_args(shlex.split(command)[1:])  # every option the section uses exists
+    commands_parser = next(a for a in parser._actions if a.dest == "command")
+    known = "".join(p.format_help() for p in commands_parser.choices.values())
+    for option in re.findall(r"`(--[a-z-]+)", section):  # and so does every option it names
+        assert option in known, option
