@@ -34,6 +34,7 @@ def test_same_proposals_and_detections(name):
     # Random heads score every box near 0.5 and keep few above torchvision's 0.05; lower the bar
     # so that many detections are compared.
     tv.roi_heads.score_thresh = 0.01
+    tv.rpn._post_nms_top_n["testing"] = min(300, tv.rpn._post_nms_top_n["testing"])  # fewer RoIs: cheaper heads
     ours = FasterRCNN.from_torchvision(tv)
     assert ours.num_classes == 4 and ours.torchvision_name == name
     tv_params = sum(p.numel() for p in tv.parameters())
