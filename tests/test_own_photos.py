@@ -12,6 +12,7 @@ from PIL import Image
 
 from rpnlab import cli
 from rpnlab.config import DataConfig
+from rpnlab.data import AnnotationWarning
 from rpnlab.data.build import (
     available_splits,
     build_dataset,
@@ -102,11 +103,14 @@ def test_classes_and_splits_come_from_the_folder(tmp_path):
     assert parse_classes(str(tmp_path / "names.txt")) == ("stapler", "mug")
     with pytest.raises(ValueError, match="repeats 'mug'"):
         parse_classes("mug,mug")
+    with pytest.raises(FileNotFoundError, match="classes file not found"):
+        parse_classes(str(tmp_path / "missing.txt"))
     # Names that match no object: an error listing the names the annotations use, not 0 boxes.
     with pytest.raises(ValueError, match="mug, stapler .*no object would be kept"):
         build_dataset(DataConfig(dataset="voc", root=str(root), classes="cat,dog"), "train")
     # A subset on purpose: the other class is skipped.
-    subset = build_dataset(DataConfig(dataset="voc", root=str(root), classes="stapler"), "train")
+    with pytest.warns(AnnotationWarning, match="skipped objects of classes not in `classes`: 'mug' x6"):
+        subset = build_dataset(DataConfig(dataset="voc", root=str(root), classes="stapler"), "train")
     assert subset.classes == ("stapler",) and all(set(subset.get_target(i)["labels"].tolist()) == {1}
                                                   for i in range(len(subset)))
     # Data with classes a model does not know: an error before any inference.
@@ -225,3 +229,17 @@ def test_readme_section_commands_parse():
     known = "".join(p.format_help() for p in commands_parser.choices.values())
     for option in re.findall(r"`(--[a-z-]+)", section):  # and so does every option it names
         assert option in known, option
+
+
+def test_read_photos_and_roi_levels(tmp_path):
+    from rpnlab.detector.roi import RoIPooler
+    from rpnlab.lab.inside import read_photos, roi_levels
+
+    root = make_voc(tmp_path / "voc", n_train=2, n_test=1)
+    images, names = read_photos(root / "JPEGImages", 48, 64, limit=2)
+    assert names == ["te0.jpg", "tr0.jpg"] and [tuple(i.shape) for i in images] == [(3, 48, 64)] * 2
+    with pytest.raises(FileNotFoundError, match="no photos"):
+        read_photos(root / "Annotations", 48, 64, limit=2)
+    pooler = RoIPooler(spatial_scale=(1 / 4, 1 / 8, 1 / 16, 1 / 32))
+    boxes = torch.tensor([[0.0, 0, 20, 20], [0, 0, 224, 224], [0, 0, 900, 900]])
+    assert roi_levels(boxes, pooler) == {"stride 4": 1, "stride 8": 0, "stride 16": 1, "stride 32": 1}

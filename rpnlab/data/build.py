@@ -105,6 +105,8 @@ def parse_classes(spec: str) -> tuple[str, ...]:
     if path.is_file():
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         where = f"classes file {path}"
+    elif path.suffix in (".txt", ".names", ".csv") or "/" in spec:
+        raise FileNotFoundError(f"classes file not found: {path} (or give the names: --classes a,b,c)")
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
         where = f"classes={spec!r}"
