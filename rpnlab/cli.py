@@ -146,6 +146,8 @@ _HELP = {
     ("data", "min_size"): "resize: shorter image side in px",
     ("data", "max_size"): "resize: cap on the longer image side in px",
     ("data", "hflip_prob"): "probability of a horizontal flip during training",
+    ("data", "color_jitter"): "training: brightness, contrast and saturation each scaled by a random factor in "
+                              "[1 - this, 1 + this] (0: off)",
     ("data", "classes"): "VOC/COCO class names 'a,b,c' or a file with one per line ('none': the names the "
                          "training annotations use, sorted; COCO: every category). Objects of other classes "
                          "are skipped",
@@ -244,7 +246,9 @@ def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
 
     The small backbone (GroupNorm: batches of 4 train like larger ones; inputs normalised with
     the ImageNet mean and std inside the model, as always) at 320/512 px, stride 8; anchors of
-    32-256 px for objects that fill a good part of a photo; horizontal flips; a long cosine
+    32-256 px for objects that fill a good part of a photo; horizontal flips and a colour jitter
+    of +-30% (brightness, contrast, saturation: the lighting of a few hundred photos is not to be
+    learnt as a feature of the objects); a long cosine
     schedule (60 epochs of ~200 images: about 3000 iterations) that ``--time-budget-s`` shortens
     to fit. Expect much less than from ``--init torchvision:<name>``: 200 photos are few to learn
     features from.
@@ -256,7 +260,7 @@ def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
                                  strides=(8,), offset=0.5)
     model.rpn.pre_nms_top_n_train, model.rpn.post_nms_top_n_train = 2000, 500
     model.rpn.pre_nms_top_n_test, model.rpn.post_nms_top_n_test = 1000, 300
-    data = DataConfig(min_size=320, max_size=512, hflip_prob=0.5)
+    data = DataConfig(min_size=320, max_size=512, hflip_prob=0.5, color_jitter=0.3)
     train = TrainConfig(epochs=60, batch_size=4, lr=0.02, warmup_iters=100, lr_schedule="cosine")
     return model.validate(), data.validate(), train.validate()
 

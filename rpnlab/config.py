@@ -282,6 +282,7 @@ class DataConfig:
     min_size: int = 128  # resize: shorter side (paper preset 600)
     max_size: int = 256  # resize: longer side cap (paper preset 1000)
     hflip_prob: float = 0.5
+    color_jitter: float = 0.0  # training: brightness, contrast, saturation each scaled by 1 +- this
     # VOC/COCO class names: "a,b,c" or a text file with one name per line; None: all the classes
     # the training annotations use (VOC, sorted) or the categories of the JSON (COCO, by id).
     classes: str | None = None
@@ -299,6 +300,8 @@ class DataConfig:
             raise ValueError(f"max_size={self.max_size} must be >= min_size={self.min_size}")
         if not (isinstance(self.hflip_prob, (int, float)) and 0 <= self.hflip_prob <= 1):
             _fail("hflip_prob", self.hflip_prob, "a probability in [0, 1]")
+        if not (isinstance(self.color_jitter, (int, float)) and 0 <= self.color_jitter < 1):
+            _fail("color_jitter", self.color_jitter, "a number in [0, 1)")
         if self.classes is not None:
             if not isinstance(self.classes, str) or not self.classes.strip():
                 _fail("classes", self.classes, "class names 'a,b,c' or the path of a file with one name per line")

@@ -243,3 +243,22 @@ def test_read_photos_and_roi_levels(tmp_path):
     pooler = RoIPooler(spatial_scale=(1 / 4, 1 / 8, 1 / 16, 1 / 32))
     boxes = torch.tensor([[0.0, 0, 20, 20], [0, 0, 224, 224], [0, 0, 900, 900]])
     assert roi_levels(boxes, pooler) == {"stride 4": 1, "stride 8": 0, "stride 16": 1, "stride 32": 1}
+
+
+def test_color_jitter_changes_lighting_not_boxes():
+    from rpnlab.data.transforms import RandomColorJitter, build_transforms
+
+    image = torch.rand(3, 16, 20, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    target = {"boxes": torch.tensor([[1.0, 2, 10, 12]])}
+    jitter = RandomColorJitter(0.3, generator=torch.Generator().manual_seed(1))
+    out, out_target = jitter(image.clone(), target)
+    assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1
+    assert not torch.allclose(out, image) and torch.equal(out_target["boxes"], target["boxes"])
+    assert torch.allclose(RandomColorJitter(0.0)(image.clone(), target)[0], image)
+    with pytest.raises(ValueError, match="strength=1.5"):
+        RandomColorJitter(1.5)
+    _, data, _ = cli.preset_configs("photos")
+    assert "RandomColorJitter(strength=0.3)" in repr(build_transforms(data, train=True))
+    assert "Jitter" not in repr(build_transforms(data, train=False))
+    with pytest.raises(ValueError, match="color_jitter=2"):
+        DataConfig(color_jitter=2).validate()
