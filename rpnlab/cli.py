@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rpnlab.config import (
+    BACKBONE_NAMES,
     AnchorConfig,
     DataConfig,
     ModelConfig,
@@ -55,7 +56,7 @@ __all__ = [
     "preset_configs",
 ]
 
-PRESETS = ("synthetic", "defaults")
+PRESETS = ("synthetic", "defaults", "photos")
 
 # Sections of options: (name, config class, option prefix). Model sub-configs get a prefix, since
 # several of their fields share names (fg_iou_thresh, nms_thresh, ...).
@@ -68,10 +69,11 @@ _SECTIONS = (
     ("train", TrainConfig, ""),
 )
 _RENAMED = {("data", "seed"): "data-seed"}  # TrainConfig.seed is --seed
+_ALIASES = {("model", "pretrained"): ("--backbone-weights",)}  # second names of an option
 _NESTED = ("anchors", "rpn", "roi")  # ModelConfig fields that are sections of their own
 
 _CHOICES = {
-    ("model", "backbone"): ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"),
+    ("model", "backbone"): BACKBONE_NAMES,
     ("anchors", "ratio_convention"): ("h/w", "w/h"),
     ("rpn", "objectness"): ("sigmoid", "softmax"),
     ("rpn", "loss_normalization"): ("sampled", "paper"),
@@ -86,9 +88,15 @@ _CHOICES = {
 
 _HELP = {
     ("model", "num_classes"): "foreground classes C (background excluded); 3 for the synthetic shapes, 20 for VOC",
-    ("model", "backbone"): "feature extractor shared by the RPN and the RoI head",
-    ("model", "pretrained"): "backbone weights: a file path, 'cache' (torchvision's file in the local torch hub "
-                             "cache or data/weights; never downloaded) or 'none' (random init)",
+    ("model", "backbone"): "feature extractor shared by the RPN and the RoI head, or a whole torchvision "
+                           "detector (fasterrcnn_*: its backbone, FPN and heads)",
+    ("model", "pretrained"): "backbone weights (also --backbone-weights): 'imagenet' (torchvision's weights API: "
+                             "the torch hub cache, downloaded there when online), a file path, 'cache' (the hub "
+                             "cache or data/weights only, never downloaded) or 'none' (random init)",
+    ("model", "init"): "start from a whole detector: 'torchvision:<name>' (COCO weights through torchvision's "
+                       "weights API, a new box predictor for your classes; sets --backbone and, unless given, "
+                       "the anchors, RPN/RoI settings and --min-size/--max-size to that model's) or the path "
+                       "of such a torchvision state dict; 'none': no init",
     ("anchors", "sizes"): "anchor sizes (sqrt of area, px); one level: '16 32 64', several levels: '32,64 128,256' "
                           "or JSON '[[32, 64], [128, 256]]'",
     ("anchors", "aspect_ratios"): "anchor aspect ratios; same forms as --anchor-sizes (a single level is used for "
@@ -142,6 +150,11 @@ _HELP = {
     ("data", "min_size"): "resize: shorter image side in px",
     ("data", "max_size"): "resize: cap on the longer image side in px",
     ("data", "hflip_prob"): "probability of a horizontal flip during training",
+    ("data", "color_jitter"): "training: brightness, contrast and saturation each scaled by a random factor in "
+                              "[1 - this, 1 + this] (0: off)",
+    ("data", "classes"): "VOC/COCO class names 'a,b,c' or a file with one per line ('none': the names the "
+                         "training annotations use, sorted; COCO: every category). Objects of other classes "
+                         "are skipped",
     ("train", "schedule"): "'joint' (approximate joint), 'alternating' (the paper's 4 steps) or 'rpn' (RPN only)",
     ("train", "epochs"): "passes over the training set (all stages together)",
     ("train", "batch_size"): "images per iteration (per process under torchrun)",
@@ -217,7 +230,8 @@ def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, Tr
     """The ``(model, data, train)`` configs of a preset.
 
     ``"synthetic"``: the CPU configuration for the embedded shapes (``synthetic_model_config``,
-    ``synthetic_train_config``); ``"defaults"``: the dataclass defaults (the paper's values).
+    ``synthetic_train_config``); ``"defaults"``: the dataclass defaults (the paper's values);
+    ``"photos"``: a few hundred photos from scratch, no weights at all (``photos_configs``).
     """
     if name == "synthetic":
         from rpnlab.detector.model import synthetic_model_config
@@ -226,7 +240,33 @@ def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, Tr
         return synthetic_model_config(), DataConfig(), synthetic_train_config()
     if name == "defaults":
         return ModelConfig(), DataConfig(), TrainConfig()
+    if name == "photos":
+        return photos_configs()
     raise ValueError(f"preset={name!r} is invalid: expected one of {', '.join(map(repr, PRESETS))}")
+
+
+def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """From scratch on a few hundred photos, when no pretrained weights are available.
+
+    The small backbone (GroupNorm: batches of 4 train like larger ones; inputs normalised with
+    the ImageNet mean and std inside the model, as always) at 320/512 px, stride 8; anchors of
+    32-256 px for objects that fill a good part of a photo; horizontal flips and a colour jitter
+    of +-30% (brightness, contrast, saturation: the lighting of a few hundred photos is not to be
+    learnt as a feature of the objects); a long cosine
+    schedule (60 epochs of ~200 images: about 3000 iterations) that ``--time-budget-s`` shortens
+    to fit. Expect much less than from ``--init torchvision:<name>``: 200 photos are few to learn
+    features from.
+    """
+    from rpnlab.detector.model import synthetic_model_config
+
+    model = synthetic_model_config()
+    model.anchors = AnchorConfig(sizes=((32.0, 64.0, 128.0, 256.0),), aspect_ratios=((0.5, 1.0, 2.0),),
+                                 strides=(8,), offset=0.5)
+    model.rpn.pre_nms_top_n_train, model.rpn.post_nms_top_n_train = 2000, 500
+    model.rpn.pre_nms_top_n_test, model.rpn.post_nms_top_n_test = 1000, 300
+    data = DataConfig(min_size=320, max_size=512, hflip_prob=0.5, color_jitter=0.3)
+    train = TrainConfig(epochs=60, batch_size=4, lr=0.02, warmup_iters=100, lr_schedule="cosine")
+    return model.validate(), data.validate(), train.validate()
 
 
 def _section_defaults(model: ModelConfig, data: DataConfig, train: TrainConfig) -> dict[str, Any]:
@@ -249,6 +289,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: Sequence[str
             if section == "model" and f.name in _NESTED:
                 continue
             name = option_name(section, f.name)
+            names = [name, *_ALIASES.get((section, f.name), ())]
             kwargs: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS}
             help_text = _HELP[(section, f.name)]
             default = getattr(shown[section], f.name)
@@ -273,7 +314,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: Sequence[str
             if (section, f.name) in _CHOICES:
                 kwargs["choices"] = _CHOICES[(section, f.name)]
             kwargs["help"] = f"{help_text} (default: {_show(default)})"
-            group.add_argument(name, **kwargs)
+            group.add_argument(*names, **kwargs)
 
 
 def configs_from_args(
@@ -287,6 +328,22 @@ def configs_from_args(
         else:
             base = preset_configs(getattr(args, "preset", "synthetic"))
     model, data, train = (dataclasses.replace(c) for c in base)
+    given = vars(args)
+    init = given.get(_dest("model", "init"))
+    if init and str(init).startswith("torchvision:"):
+        # --init torchvision:<name>: that detector's architecture and settings are the base the
+        # other options edit (its resize too, unless --min-size/--max-size are given).
+        from rpnlab.config import TORCHVISION_DETECTORS
+
+        name = str(init).split(":", 1)[1]
+        if name not in TORCHVISION_DETECTORS:
+            raise ValueError(f"--init={init} is invalid: expected torchvision:<name> with one of "
+                             + ", ".join(TORCHVISION_DETECTORS))
+        from rpnlab.detector.torchvision_models import torchvision_detector, torchvision_parts
+
+        parts = torchvision_parts(torchvision_detector(name, num_classes=model.num_classes + 1))
+        model = dataclasses.replace(parts["config"], num_classes=model.num_classes, init=init)
+        data.min_size, data.max_size = parts["input_size"]
     model.anchors, model.rpn, model.roi = (dataclasses.replace(c) for c in (model.anchors, model.rpn, model.roi))
     targets = _section_defaults(model, data, train)
     for key, value in vars(args).items():
@@ -305,6 +362,8 @@ def configs_from_args(
         model.anchors.aspect_ratios = model.anchors.aspect_ratios * len(model.anchors.sizes)
     if model.pretrained is not None and str(model.pretrained).lower() == "none":
         model.pretrained = None
+    if model.init is not None and str(model.init).lower() == "none":
+        model.init = None
     sections = _section_defaults(model, data, train)
     # The stage configs first, so that their errors are named with their own prefixes; every
     # section is checked, so that all bad options are reported at once.
@@ -365,6 +424,15 @@ def checkpoint_configs(path: str | Path) -> tuple[ModelConfig, DataConfig, Train
             from_dict(TrainConfig, configs["train"]))
 
 
+def checkpoint_classes(path: str | Path) -> list[str] | None:
+    """The class names a training checkpoint stores (label ``i + 1`` is ``[i]``), or ``None`` for
+    a checkpoint written before they were kept."""
+    from rpnlab.engine.checkpoint import load_checkpoint
+
+    names = load_checkpoint(path).get("classes")
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -385,13 +453,14 @@ def _add_train(sub) -> argparse.ArgumentParser:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` command's own options plus every config option."""
     p.add_argument("--preset", choices=PRESETS, default="synthetic",
-                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes) or "
-                        "'defaults' (the dataclass defaults, the paper's values)")
+                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes), "
+                        "'defaults' (the dataclass defaults, the paper's values) or 'photos' (your photos from "
+                        "scratch, no weights: small backbone at 320/512 px)")
     p.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue the run saved in this checkpoint (its configs are the starting point)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--evaluate", action="store_true",
-                   help="after training, evaluate on the validation split and print mAP")
+                   help="after training, evaluate on the val split (test if there is no val) and print mAP")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="train on the good images when the data scan finds bad ones (default: stop before "
                         "the first step and list them)")
@@ -416,7 +485,9 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
                        description="Evaluate a checkpoint on a split of its data (data options override "
                                    "the checkpoint's data config).")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by 'rpnlab train'")
-    p.add_argument("--split", default="val", help="split to evaluate: train, val or test (VOC: also trainval)")
+    p.add_argument("--split", default=None,
+                   help="split to evaluate: train, val or test (VOC: any list in ImageSets/Main); "
+                        "default: val if the data has it, else test")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON to PATH")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -519,6 +590,22 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _refuse(parser, problems)
     try:
         model_cfg, data_cfg, train_cfg = configs_from_args(args)
+        if data_cfg.dataset != "synthetic" and not args.resume:
+            from rpnlab.data.build import resolve_classes
+
+            classes = resolve_classes(data_cfg)
+            if _dest("model", "num_classes") not in vars(args):
+                model_cfg.num_classes = len(classes)  # the data says how many classes there are
+            elif model_cfg.num_classes != len(classes):
+                raise ValueError(f"--num-classes {model_cfg.num_classes} but the data has {len(classes)} "
+                                 f"classes ({', '.join(classes)}): leave --num-classes out, or pick classes "
+                                 "with --classes a,b,c")
+            print(f"classes: {', '.join(f'{i + 1}={n}' for i, n in enumerate(classes))}")
+        eval_split = None
+        if args.evaluate:
+            from rpnlab.data.build import evaluation_split
+
+            eval_split = evaluation_split(data_cfg)  # before training: a missing split fails now
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         problems.append(str(err))
         model_cfg = data_cfg = train_cfg = None
@@ -574,8 +661,10 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.evaluate:
         from rpnlab.data import build_dataset
 
-        metrics = evaluate(result.model, build_dataset(data_cfg, "val"), progress=not args.no_progress)
-        print(f"val mAP@0.5 {_fmt(metrics['map_50'])}  mAP@[.5:.95] {_fmt(metrics['map'])}")
+        print(f"evaluating on split {eval_split!r}")
+        dataset = build_dataset(data_cfg, eval_split, train=False, classes=result.model.class_names)
+        metrics = evaluate(result.model, dataset, progress=not args.no_progress)
+        print(f"{eval_split} mAP@0.5 {_fmt(metrics['map_50'])}  mAP@[.5:.95] {_fmt(metrics['map'])}")
     return 0
 
 
@@ -615,9 +704,20 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     try:
         device = resolve_device(args.device)
         model = load_model(args.checkpoint, map_location=device)
-        dataset = build_dataset(data_cfg, args.split, train=False)
+        split = args.split
+        if split is None:
+            from rpnlab.data.build import evaluation_split
+
+            split = evaluation_split(data_cfg)
+            print(f"evaluating on split {split!r} (choose another with --split)")
+        classes = checkpoint_classes(args.checkpoint)
+        dataset = build_dataset(data_cfg, split, train=False, classes=classes)
+        if dataset.num_classes != model.num_classes:  # a checkpoint from before class names were kept
+            raise ValueError(f"the checkpoint's model has {model.num_classes} classes but split {split!r} of "
+                             f"the data has {dataset.num_classes} ({', '.join(dataset.classes)})")
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.error(str(err))
+    args.split = split
     metrics = evaluate(model, dataset, batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{args.split}: {metrics['num_images']} images, {metrics['seconds']:.1f} s")
     print(f"VOC mAP@0.5      {_fmt(metrics['map_50'])}")
@@ -679,7 +779,7 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = _class_names(data_cfg, model.num_classes)
+    names = checkpoint_classes(args.checkpoint) or _class_names(data_cfg, model.num_classes)
     resize = ResizeShortestSide(data_cfg.min_size, data_cfg.max_size)
     results, failed = [], []
     for path in args.images:
@@ -688,19 +788,20 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         image = None
         if problem is None:
             try:
-                image = load_image(path)  # (3, H, W) in [0, 1]
+                # (3, h, w) in [0, 1]; a large JPEG is decoded at reduced scale, (H, W) is the file's size
+                image, (h, w) = load_image(path, data_cfg.min_size, data_cfg.max_size, with_file_size=True)
             except (ValueError, OSError) as err:
                 problem = str(err).replace(f"{path}: ", "")
         if problem is not None:
             failed.append({"image": str(path), "error": problem})
             print(f"{path}: skipped: {problem}", file=sys.stderr)
             continue
-        h, w = image.shape[-2:]
         resized, _ = resize(image, {"boxes": torch.zeros(0, 4)})
         det = model.predict([resized.to(device)], score_thresh=args.score_thresh)[0]
         # Back to the file's pixels: the model saw the resized image.
         scale = torch.tensor([w / resized.shape[-1], h / resized.shape[-2]] * 2, device=det["boxes"].device)
         boxes = (det["boxes"] * scale).cpu()
+        shown = torch.tensor([image.shape[-1] / w, image.shape[-2] / h] * 2)  # file pixels -> drawn pixels
         entry = {
             "image": str(path),
             "size": [int(h), int(w)],
@@ -712,7 +813,7 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         }
         results.append(entry)
         target = out / (Path(path).stem + ".png")
-        _draw(image, entry["detections"], target)
+        _draw(image, [{**d, "box": (torch.tensor(d["box"]) * shown).tolist()} for d in entry["detections"]], target)
         print(f"{path}: {len(entry['detections'])} detection(s) -> {target}")
     payload = results if not failed else {"images": results, "failed": failed}
     _write_text_atomic(out / "detections.json", json.dumps(payload, indent=2) + "\n")

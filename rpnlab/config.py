@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "BACKBONE_NAMES",
+    "TORCHVISION_DETECTORS",
     "AnchorConfig",
     "DataConfig",
     "ModelConfig",
@@ -237,13 +239,30 @@ class RoIConfig:
         return self
 
 
+#: torchvision detectors rpnlab can rebuild whole (``ModelConfig.backbone``; ``--init torchvision:<name>``).
+TORCHVISION_DETECTORS = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+BACKBONE_NAMES = ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn", *TORCHVISION_DETECTORS)
+
+
 @dataclass
 class ModelConfig:
-    """The assembled detector: backbone choice plus the three stage configs."""
+    """The assembled detector: backbone choice plus the three stage configs.
+
+    ``backbone`` may also name a whole torchvision detector (``TORCHVISION_DETECTORS``): its
+    backbone, FPN, RPN head and box head, converted (``rpnlab.detector.torchvision_models``).
+    """
 
     num_classes: int = 3  # foreground classes, background excluded
-    backbone: str = "small"  # "small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"
-    pretrained: str | None = None  # path to a weights file, "cache" for torchvision's local cache, or None
+    backbone: str = "small"  # "small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn", or a torchvision detector
+    pretrained: str | None = None  # backbone weights: a file, "imagenet" (weights API), "cache" (local only), or None
+    # Whole-detector weights: "torchvision:<name>" (COCO weights through the weights API, a new box
+    # predictor for num_classes) or the path of such a torchvision state dict; None: no init.
+    init: str | None = None
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
@@ -251,7 +270,15 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         _all_finite(self)
         _positive_int("num_classes", self.num_classes)
-        _choice("backbone", self.backbone, ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"))
+        _choice("backbone", self.backbone, BACKBONE_NAMES)
+        if self.init is not None:
+            if self.backbone not in TORCHVISION_DETECTORS:
+                _fail("init", self.init, f"None with backbone {self.backbone!r} (--init needs a torchvision "
+                      "detector: 'torchvision:<name>' with one of " + ", ".join(TORCHVISION_DETECTORS) + ")")
+            if str(self.init).startswith("torchvision:") and self.init.split(":", 1)[1] != self.backbone:
+                _fail("init", self.init, f"'torchvision:{self.backbone}', the backbone's own weights")
+        if self.backbone in TORCHVISION_DETECTORS and self.pretrained is not None:
+            _fail("pretrained", self.pretrained, "None for a torchvision detector (use init)")
         self.anchors.validate()
         self.rpn.validate()
         self.roi.validate()
@@ -272,6 +299,10 @@ class DataConfig:
     min_size: int = 128  # resize: shorter side (paper preset 600)
     max_size: int = 256  # resize: longer side cap (paper preset 1000)
     hflip_prob: float = 0.5
+    color_jitter: float = 0.0  # training: brightness, contrast, saturation each scaled by 1 +- this
+    # VOC/COCO class names: "a,b,c" or a text file with one name per line; None: all the classes
+    # the training annotations use (VOC, sorted) or the categories of the JSON (COCO, by id).
+    classes: str | None = None
 
     def validate(self) -> DataConfig:
         _all_finite(self)
@@ -287,6 +318,13 @@ class DataConfig:
             raise ValueError(f"max_size={self.max_size} must be >= min_size={self.min_size}")
         if not (isinstance(self.hflip_prob, (int, float)) and 0 <= self.hflip_prob <= 1):
             _fail("hflip_prob", self.hflip_prob, "a probability in [0, 1]")
+        if not (isinstance(self.color_jitter, (int, float)) and 0 <= self.color_jitter < 1):
+            _fail("color_jitter", self.color_jitter, "a number in [0, 1)")
+        if self.classes is not None:
+            if not isinstance(self.classes, str) or not self.classes.strip():
+                _fail("classes", self.classes, "class names 'a,b,c' or the path of a file with one name per line")
+            if self.dataset == "synthetic":
+                _fail("classes", self.classes, "None for the synthetic shapes (their classes are fixed)")
         return self
 
 

@@ -34,10 +34,13 @@ def _grey(h, w):
     return Image.fromarray(array)  # mode "L"
 
 
+HALF_RED_ON_WHITE = (torch.tensor(RED) * 128 + 255 * 127) / 255 / 255
+
+
 def _rgba(h, w):
     array = np.zeros((h, w, 4), dtype=np.uint8)
     array[..., :3] = RED
-    array[..., 3] = 128  # half transparent: alpha is dropped, the colour stays
+    array[..., 3] = 128  # half transparent: composited onto white (HALF_RED_ON_WHITE)
     return Image.fromarray(array)  # mode "RGBA"
 
 
@@ -144,7 +147,7 @@ def test_voc_samples(voc_root):
 
     image, target = ds[1]  # RGBA PNG, found through <filename>
     assert image.shape == (3, 50, 40)
-    assert torch.allclose(image[:, 10, 10], torch.tensor(RED) / 255.0)
+    assert torch.allclose(image[:, 10, 10], HALF_RED_ON_WHITE, atol=1 / 255)
 
     image, target = ds[2]  # palette PNG saved under a .jpg name
     assert image.shape == (3, 40, 40)
@@ -344,7 +347,7 @@ def test_coco_samples(coco, capsys):
     assert target["difficult"].tolist() == [False]
 
     image, target = ds[1]  # RGBA, fractional xywh
-    assert torch.allclose(image[:, 3, 3], torch.tensor(RED) / 255.0)
+    assert torch.allclose(image[:, 3, 3], HALF_RED_ON_WHITE, atol=1 / 255)
     assert torch.allclose(target["boxes"], torch.tensor([[1.5, 2.5, 11.5, 14.5]]))
     assert target["labels"].tolist() == [2]
 
@@ -450,7 +453,7 @@ def test_build_dataset_voc_and_coco(voc_root, coco, tmp_path):
         warnings.simplefilter("ignore", AnnotationWarning)
         ds = build_dataset(DataConfig(dataset="coco", root=str(coco_root)), "val")
     assert isinstance(ds, COCODataset) and len(ds) == 5
-    with pytest.raises(FileNotFoundError, match=r"instances_train2017\.json"):
+    with pytest.raises(ValueError, match=r"split 'train' not found .*splits found: val .*instances_train2017\.json"):
         build_dataset(DataConfig(dataset="coco", root=str(coco_root)), "train")
 
 
@@ -475,6 +478,14 @@ def test_load_image_modes(tmp_path):
         warnings.simplefilter("error")  # PIL's palette-transparency warning must not appear
         image = load_image(transparent)
     assert torch.allclose(image[:, 0, 0], torch.tensor(RED) / 255.0)
+    assert torch.allclose(image[:, 0, -1], torch.ones(3))  # the transparent half is white, not its colour
+
+    cutout = tmp_path / "rgba.png"
+    rgba = np.zeros((4, 6, 4), dtype=np.uint8)  # black, and transparent on the right half
+    rgba[:, :3, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(cutout)
+    image = load_image(cutout)
+    assert torch.allclose(image[:, :, :3], torch.zeros(3, 4, 3)) and torch.allclose(image[:, :, 3:], torch.ones(3, 4, 3))
 
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"this is not an image")

@@ -87,6 +87,10 @@ class COCODataset(Dataset):
         category_ids: COCO category ids to keep, in label order (default: all, sorted by id);
             annotations of other categories are skipped.
         crowd: ``"skip"`` crowd annotations or mark them ``"difficult"``.
+        classes: category *names* to keep, in label order (instead of ``category_ids``); a name
+            the file does not have is a ``ValueError`` listing the names it has.
+        unknown_classes: ``"skip"`` annotations of other categories, or ``"raise"`` a
+            ``ValueError`` naming them (a model's classes must cover the data it is scored on).
 
     ``target["image_id"]`` is the COCO image id, as COCO evaluation wants it. Images without
     annotations are kept (``boxes`` of shape ``(0, 4)``).
@@ -100,6 +104,8 @@ class COCODataset(Dataset):
         on_invalid: str = "clip",
         category_ids: Sequence[int] | None = None,
         crowd: str = "skip",
+        classes: Sequence[str] | None = None,
+        unknown_classes: str = "skip",
     ):
         self.image_dir, self.ann_file = Path(image_dir).expanduser(), Path(ann_file).expanduser()
         if not self.ann_file.is_file():
@@ -119,6 +125,17 @@ class COCODataset(Dataset):
         ).coco  # pycocotools COCO, for evaluation
 
         known = sorted(self.coco.cats)
+        if unknown_classes not in ("skip", "raise"):
+            raise ValueError(f"unknown_classes={unknown_classes!r} is invalid: expected 'skip' or 'raise'")
+        if classes is not None:
+            if category_ids is not None:
+                raise ValueError("pass classes= (names) or category_ids=, not both")
+            by_name = {str(self.coco.cats[c].get("name", c)): c for c in known}
+            missing = [n for n in classes if n not in by_name]
+            if missing:
+                raise ValueError(f"{self.ann_file}: no category named {', '.join(map(repr, missing))}; "
+                                 f"its categories: {', '.join(by_name)}")
+            category_ids = [by_name[n] for n in classes]
         if category_ids is None:
             category_ids = known
         unknown = [c for c in category_ids if c not in self.coco.cats]
@@ -130,6 +147,12 @@ class COCODataset(Dataset):
         self.classes = tuple(str(self.coco.cats[c].get("name", c)) for c in self.category_ids)
         self._label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
         self._records = [self._read_record(i, policy) for i in sorted(self.coco.imgs)]
+        if unknown_classes == "raise":
+            used = {a.get("category_id") for a in self.coco.anns.values()} - set(self.category_ids)
+            if used:
+                names = sorted(str(self.coco.cats[c].get("name", c)) for c in used if c in self.coco.cats)
+                raise ValueError(f"{self.ann_file}: annotations of categories that are not in "
+                                 f"classes={list(self.classes)}: {', '.join(names)}")
         policy.warn(str(self.ann_file))
 
     @property

@@ -3,10 +3,21 @@
 Real datasets mix greyscale, palette, RGBA and CMYK files, and sometimes a PNG named ``.jpg``.
 PIL recognises the format from the file's first bytes, not from its name, so opening by content
 is what ``Image.open`` does already; every mode is then converted to 8-bit RGB.
+
+Transparent pixels (RGBA, LA, palette transparency: cut-out product photos) are composited onto
+white, as a viewer shows them; dropping the alpha channel would instead reveal whatever colour the
+invisible pixels happen to hold, often black.
+
+Phone photos are 3000 x 4000 px and the detector sees them at a few hundred: ``load_image(path,
+min_size, max_size)`` asks the JPEG decoder for a reduced image (``Image.draft``: the DCT is
+decoded at 1/2, 1/4 or 1/8 scale, several times faster and a fraction of the memory) that is
+still at least as large as the resize will make it, so the picture the model sees is the same
+up to resampling.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -15,13 +26,25 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["load_annotated_image", "load_image", "pil_to_rgb", "pil_to_tensor", "read_image_size"]
+__all__ = [
+    "decode_size_hint",
+    "load_annotated_image",
+    "load_image",
+    "pil_to_rgb",
+    "pil_to_tensor",
+    "read_image_size",
+]
+
+WHITE = (255, 255, 255)
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to ``"RGB"``; alpha is dropped (as torchvision's datasets do)."""
+    """Convert any PIL mode to ``"RGB"``; transparent pixels are composited onto white."""
     if image.mode == "RGB":
         return image
+    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
     if image.mode.startswith("I;16"):
         # 16-bit greyscale: PIL's own conversion would clip at 255, so rescale the full range.
         grey = (np.asarray(image, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
@@ -38,8 +61,23 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_image(path: str | os.PathLike) -> Tensor:
+def _reduced_request(width: int, height: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """The ``(w, h)`` the resize to ``(min_size, max_size)`` will give (the decode must not go below it)."""
+    scale = min_size / min(height, width)
+    if max_size is not None and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def load_image(
+    path: str | os.PathLike, min_size: int | None = None, max_size: int | None = None, *, with_file_size: bool = False
+):
     """Read an image file -> ``(3, H, W)`` float32 RGB in ``[0, 1]``.
+
+    With ``min_size`` (and ``max_size``), a JPEG larger than needed for that resize is decoded at
+    reduced scale (``Image.draft``; 1/2, 1/4 or 1/8, never below the resized size); other formats
+    are decoded in full. ``with_file_size=True`` returns ``(image, (H, W) of the file)``, so
+    boxes in the file's pixels can be scaled to the decoded ones.
 
     Raises ``FileNotFoundError`` naming the path when it is missing and ``ValueError`` naming
     it when the bytes are not an image PIL can decode.
@@ -49,9 +87,29 @@ def load_image(path: str | os.PathLike) -> Tensor:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
-            return pil_to_tensor(image)
+            width, height = image.size
+            if min_size is not None and image.format == "JPEG":
+                request = _reduced_request(width, height, min_size, max_size)
+                if request[0] * 2 <= width and request[1] * 2 <= height:
+                    image.draft("RGB", request)
+            tensor = pil_to_tensor(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
+    return (tensor, (height, width)) if with_file_size else tensor
+
+
+def decode_size_hint(transforms) -> tuple[int, int | None] | None:
+    """``(min_size, max_size)`` of the resize that ``transforms`` starts with, else ``None``.
+
+    A dataset reads its images at reduced scale only when the first transform shrinks them
+    anyway (a later random crop or flip does not change what resolution is needed).
+    """
+    from rpnlab.data.transforms import Compose, ResizeShortestSide
+
+    first = transforms.transforms[0] if isinstance(transforms, Compose) and transforms.transforms else transforms
+    if isinstance(first, ResizeShortestSide):
+        return first.min_size, first.max_size
+    return None
 
 
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -72,12 +130,18 @@ def load_annotated_image(path: str | os.PathLike, target: dict, annotation_sourc
 
     Raises ``ValueError`` naming the file when the image's size differs from the annotated
     ``target["orig_size"]`` (the boxes would be drawn on the wrong pixels); ``annotation_source``
-    says where that size came from, for the message.
+    says where that size came from, for the message. When ``transforms`` starts with a resize,
+    a large JPEG is decoded at reduced scale (``load_image``) and the boxes are scaled with it;
+    ``orig_size`` stays the file's size.
     """
-    image = load_image(path)
-    if tuple(image.shape[1:]) != tuple(target["orig_size"]):
+    hint = decode_size_hint(transforms)
+    image, file_size = load_image(path, *(hint or (None, None)), with_file_size=True)
+    if tuple(file_size) != tuple(target["orig_size"]):
         h, w = target["orig_size"]
-        raise ValueError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {annotation_source} says {w}x{h}")
+        raise ValueError(f"{path}: image is {file_size[1]}x{file_size[0]} but {annotation_source} says {w}x{h}")
+    if tuple(image.shape[1:]) != tuple(file_size):  # decoded at reduced scale: boxes follow
+        sy, sx = image.shape[1] / file_size[0], image.shape[2] / file_size[1]
+        target = {**target, "boxes": target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)}
     if transforms is not None:
         image, target = transforms(image, target)
     return image, target

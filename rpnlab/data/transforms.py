@@ -22,6 +22,7 @@ __all__ = [
     "CPU_PRESETS",
     "PAPER_PRESET",
     "Compose",
+    "RandomColorJitter",
     "RandomHorizontalFlip",
     "ResizeShortestSide",
     "build_transforms",
@@ -139,10 +140,37 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class RandomColorJitter:
+    """Scale brightness, contrast and saturation each by a factor drawn from ``[1 - s, 1 + s]``.
+
+    Photos of a few hundred scenes share their lighting; jittering it is the cheapest way to
+    keep a detector trained from scratch on them from learning the lighting instead of the
+    objects. Boxes do not move. ``generator`` as ``RandomHorizontalFlip``'s.
+    """
+
+    def __init__(self, strength: float = 0.2, generator: torch.Generator | None = None):
+        if not isinstance(strength, (int, float)) or not 0 <= strength < 1:
+            raise ValueError(f"strength={strength!r} is invalid: expected a number in [0, 1)")
+        self.strength, self.generator = float(strength), generator
+
+    def __call__(self, image: Tensor, target: dict[str, Any]) -> Sample:
+        from torchvision.transforms.v2 import functional as TF
+
+        _check_image(image)
+        b, c, s = (1 + self.strength * (2 * torch.rand(3, generator=self.generator) - 1)).tolist()
+        image = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+        return image.clamp_(0.0, 1.0), target
+
+    def __repr__(self) -> str:
+        return f"RandomColorJitter(strength={self.strength})"
+
+
 def build_transforms(cfg: Any, train: bool) -> Compose:
-    """The transforms for a ``DataConfig``: resize to ``(min_size, max_size)``, plus a random
-    horizontal flip with ``hflip_prob`` when ``train``."""
+    """The transforms for a ``DataConfig``: resize to ``(min_size, max_size)``, plus when
+    ``train`` a random horizontal flip with ``hflip_prob`` and a colour jitter of ``color_jitter``."""
     steps: list[Callable] = [ResizeShortestSide(cfg.min_size, cfg.max_size)]
     if train and cfg.hflip_prob > 0:
         steps.append(RandomHorizontalFlip(cfg.hflip_prob))
+    if train and getattr(cfg, "color_jitter", 0.0) > 0:
+        steps.append(RandomColorJitter(cfg.color_jitter))
     return Compose(steps)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from torchvision.datasets import VOCDetection
 from rpnlab.data.annotations import AnnotationWarning, BoxPolicy, make_target
 from rpnlab.data.imageio import load_annotated_image, read_image_size
 
-__all__ = ["VOC_CLASSES", "VOCDataset", "parse_voc_xml", "resolve_voc_root"]
+__all__ = ["VOC_CLASSES", "VOCDataset", "parse_voc_xml", "resolve_voc_root", "voc_class_names", "voc_splits"]
 
 #: The 20 Pascal VOC classes; label ``i + 1`` is ``VOC_CLASSES[i]``.
 VOC_CLASSES = (
@@ -141,6 +142,40 @@ def parse_voc_xml(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def voc_splits(root: str | os.PathLike, year: str | int | None = None) -> list[str]:
+    """The image lists in ``ImageSets/Main`` (``["test", "train"]`` for a train/test folder), sorted.
+
+    Pascal VOC's per-class lists (``cat_train.txt``) are left out.
+    """
+    folder = resolve_voc_root(root, year) / "ImageSets" / "Main"
+    stems = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+    per_class = re.compile(r".+_(train|val|trainval|test)$")
+    return [s for s in stems if not per_class.match(s)]
+
+
+def voc_class_names(
+    root: str | os.PathLike, image_set: str = "train", year: str | int | None = None
+) -> tuple[str, ...]:
+    """The object names the annotations of ``image_set`` use, sorted: a folder's own classes.
+
+    For Pascal VOC's ``train`` list these are ``VOC_CLASSES`` (which are in alphabetical order),
+    so a model trained on them labels classes as one trained with the fixed list. Raises
+    ``ValueError`` naming the list when it holds no object at all.
+    """
+    voc_root = resolve_voc_root(root, year)
+    ids = _read_image_set(voc_root / "ImageSets" / "Main" / f"{image_set}.txt")
+    names: set[str] = set()
+    for name in ids:
+        xml_path = voc_root / "Annotations" / f"{name}.xml"
+        if not xml_path.is_file():
+            raise FileNotFoundError(f"VOC annotation not found: {xml_path}")
+        names.update(obj["name"] for obj in parse_voc_xml(xml_path)["objects"])
+    if not names:
+        raise ValueError(f"no annotated object in the {len(ids)} images of {voc_root}/ImageSets/Main/{image_set}.txt: "
+                         "cannot tell the classes (pass them with --classes a,b,c)")
+    return tuple(sorted(names))
+
+
 def _read_image_set(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"VOC image set not found: {path}")
@@ -170,6 +205,12 @@ class VOCDataset(Dataset):
         on_invalid: ``"clip"``, ``"drop"`` or ``"raise"`` for boxes outside the image or of zero
             size (see ``rpnlab.data.annotations``).
         year: picks ``VOC<year>`` when ``root`` is a parent folder.
+        unknown_classes: ``"skip"`` objects whose name is not in ``classes`` (one summary
+            warning) or ``"raise"`` a ``ValueError`` listing them (a model's classes must cover
+            the data it is evaluated on).
+
+    When ``classes`` matches none of the annotated objects, a ``ValueError`` says so and lists
+    the names the annotations use: training on no boxes at all is never what was meant.
 
     All annotations are read when the dataset is built, so a malformed file fails at once (a
     ``ValueError`` naming it) and the box summary covers the whole set. Images are read per
@@ -184,7 +225,10 @@ class VOCDataset(Dataset):
         transforms: Callable | None = None,
         on_invalid: str = "clip",
         year: str | int | None = None,
+        unknown_classes: str = "skip",
     ):
+        if unknown_classes not in ("skip", "raise"):
+            raise ValueError(f"unknown_classes={unknown_classes!r} is invalid: expected 'skip' or 'raise'")
         self.classes = tuple(classes) if not isinstance(classes, str) else ()
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes={classes!r} is invalid: expected distinct class names")
@@ -197,6 +241,15 @@ class VOCDataset(Dataset):
         self._label_of = {name: i + 1 for i, name in enumerate(self.classes)}
         self._unknown: dict[str, int] = {}
         self._records = [self._read_record(name, policy) for name in self.image_ids]
+        found = sorted(self._unknown)
+        kept = sum(len(r.labels) for r in self._records)
+        if found and (unknown_classes == "raise" or kept == 0):
+            raise ValueError(
+                f"{self.root}/ImageSets/Main/{image_set}.txt: its annotations name classes that are not in "
+                f"classes={list(self.classes)}: {', '.join(found)}"
+                + ("" if kept else " (no object would be kept)")
+                + "; the classes come from the training annotations, --classes or the checkpoint"
+            )
         self._warn_summary(policy)
 
     @property

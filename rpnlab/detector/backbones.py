@@ -13,9 +13,12 @@ images ``(B, 3, H, W)`` (already normalised) to a list of feature maps, one per 
 - ``"mobilenet_v3_fpn"``: MobileNetV3-Large at strides 8, 16, 32 with a feature pyramid
   (``torchvision.ops.FeaturePyramidNetwork``), 256 channels per level.
 
-Pretrained ImageNet weights are *never downloaded*. ``pretrained`` is ``None`` (random init), a
-path to a weights file, or ``"cache"``: look for torchvision's file name (e.g. ``vgg16-397923af.pth``)
-in torch hub's cache (``torch.hub.get_dir()/checkpoints``) and in the project's ``data/weights``.
+``pretrained`` is ``None`` (random init), a path to a weights file, ``"cache"``: look for
+torchvision's file name (e.g. ``vgg16-397923af.pth``) in torch hub's cache
+(``torch.hub.get_dir()/checkpoints``) and in the project's ``data/weights``, never downloading; or
+``"imagenet"``: torchvision's weights API (``torchvision.models.get_weight``), which reads the hub
+cache and, when the file is not there, downloads it into the cache (offline: a
+``FileNotFoundError`` naming the file and the folder to put it in).
 A weights file may be a torchvision classifier state dict, a state dict of the backbone module
 itself, or an rpnlab checkpoint (its ``backbone.*`` weights are used). With pretrained weights,
 batch norm layers are frozen (statistics from ImageNet are better than those of batches of 2-4
@@ -38,7 +41,9 @@ __all__ = [
     "Backbone",
     "SmallBackbone",
     "build_backbone",
+    "imagenet_weights",
     "pretrained_weight_candidates",
+    "torchvision_weights_file",
     "torchvision_weights_filename",
 ]
 
@@ -222,6 +227,40 @@ def torchvision_weights_filename(name: str) -> str:
     return os.path.basename(weights.url)
 
 
+def torchvision_weights_file(weights) -> Path:
+    """The local file of a torchvision ``WeightsEnum`` member, fetched through the weights API.
+
+    Reads ``torch.hub.get_dir()/checkpoints/<file>``; when it is missing, ``weights.get_state_dict``
+    downloads it there (hash checked). Without a network connection: ``FileNotFoundError`` saying
+    where to put the file (downloaded elsewhere from ``weights.url``).
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if path.is_file():
+        return path
+    try:
+        weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as err:  # noqa: BLE001 - URLError, HTTPError, socket and hash errors all mean "not here"
+        raise FileNotFoundError(
+            f"weights {weights} are not in the torch hub cache and could not be downloaded "
+            f"({type(err).__name__}: {err}); download {weights.url} on a machine with internet and "
+            f"copy it to {path} (or pass the file's path)"
+        ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"weights {weights}: torchvision reported success but {path} is missing")
+    return path
+
+
+def imagenet_weights(name: str):
+    """The torchvision ``WeightsEnum`` member backbone ``name`` starts from."""
+    if name not in _TORCHVISION_WEIGHTS:
+        raise ValueError(f"backbone {name!r} has no torchvision ImageNet weights; "
+                         f"backbones with weights: {', '.join(_TORCHVISION_WEIGHTS)}")
+    from torchvision.models import get_weight
+
+    enum_name, member = _TORCHVISION_WEIGHTS[name]
+    return get_weight(f"{enum_name}.{member}")
+
+
 def pretrained_weight_candidates(name: str, pretrained: str | os.PathLike) -> list[Path]:
     """The files, in order, where ``build_backbone`` looks for the weights of ``name``."""
     if str(pretrained) != "cache":
@@ -235,6 +274,8 @@ def pretrained_weight_candidates(name: str, pretrained: str | os.PathLike) -> li
 
 
 def _find_weights(name: str, pretrained: str | os.PathLike) -> Path:
+    if str(pretrained) == "imagenet":
+        return torchvision_weights_file(imagenet_weights(name))
     candidates = pretrained_weight_candidates(name, pretrained)
     for path in candidates:
         if path.is_file():
@@ -298,13 +339,14 @@ def _load_pretrained(backbone: Backbone, name: str, path: Path) -> None:
 def build_backbone(name: str, pretrained: str | os.PathLike | None = None) -> tuple[Backbone, int, tuple[int, ...]]:
     """Build backbone ``name`` -> ``(module, out_channels, strides)``.
 
-    ``pretrained``: ``None`` (random init), a weights file path, or ``"cache"`` (torchvision's file
-    in the local torch hub cache or ``data/weights``). Missing weights raise ``FileNotFoundError``
-    listing every path looked at; nothing is ever downloaded.
+    ``pretrained``: ``None`` (random init), a weights file path, ``"cache"`` (torchvision's file
+    in the local torch hub cache or ``data/weights``; never downloaded) or ``"imagenet"``
+    (torchvision's weights API: the hub cache, downloading into it when online). Missing weights
+    raise ``FileNotFoundError`` naming the paths looked at.
     """
     if name not in BACKBONES:
         raise ValueError(f"backbone={name!r} is invalid: expected one of {', '.join(map(repr, BACKBONES))}")
-    if name == "small" and pretrained is not None and str(pretrained) == "cache":
+    if name == "small" and pretrained is not None and str(pretrained) in ("cache", "imagenet"):
         raise ValueError("backbone 'small' has no published weights: pretrained must be None or a file path")
     from torchvision.ops.misc import FrozenBatchNorm2d
 

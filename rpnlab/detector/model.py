@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rpnlab.config import AnchorConfig, ModelConfig, RoIConfig, RPNConfig
+from rpnlab.config import TORCHVISION_DETECTORS, AnchorConfig, ModelConfig, RoIConfig, RPNConfig
 from rpnlab.detector.backbones import build_backbone
 from rpnlab.detector.images import ImageBatch, pad_images
 
@@ -107,6 +107,8 @@ class FasterRCNN(nn.Module):
         self.num_classes = int(num_classes)
         self.size_divisible = int(size_divisible)
         self.config = config
+        # Names of labels 1..C (set by training or from_torchvision; kept in checkpoints).
+        self.class_names = [f"class {i}" for i in range(1, self.num_classes + 1)]
         # Buffers, so they follow .to(device) and land in the state dict.
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -123,6 +125,8 @@ class FasterRCNN(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         config.validate()
+        if config.backbone in TORCHVISION_DETECTORS:
+            return cls._from_torchvision_config(config)
         backbone, channels, strides = build_backbone(config.backbone, config.pretrained)
         if tuple(config.anchors.strides) != tuple(strides):
             raise ValueError(
@@ -139,6 +143,43 @@ class FasterRCNN(nn.Module):
         return cls(backbone, rpn, roi_heads, config.num_classes, config=config)
 
     @classmethod
+    def _from_torchvision_config(cls, config: ModelConfig) -> FasterRCNN:
+        """A torchvision detector's architecture (and ``config.init``'s weights) with the config's
+        RPN and RoI settings (thresholds, counts, sampling); its anchors must be torchvision's."""
+        from rpnlab.detector.roi_heads import RoIHeads
+        from rpnlab.detector.rpn import RegionProposalNetwork
+        from rpnlab.detector.torchvision_models import torchvision_model_for, torchvision_parts
+
+        parts = torchvision_parts(torchvision_model_for(config))
+        if parts["config"].anchors != config.anchors:
+            raise ValueError(f"anchors={config.anchors} differ from those of {config.backbone!r}, whose head "
+                             f"was trained for {parts['config'].anchors}; start from "
+                             f"rpnlab.detector.torchvision_models.torchvision_model_config({config.backbone!r})")
+        rpn = RegionProposalNetwork(parts["rpn"].anchor_generator, parts["rpn"].head, config.rpn)
+        roi_heads = RoIHeads(parts["roi_heads"].pooler, parts["roi_heads"].head, config.roi, config.num_classes)
+        model = cls(parts["backbone"], rpn, roi_heads, config.num_classes, image_mean=parts["image_mean"],
+                    image_std=parts["image_std"], size_divisible=parts["size_divisible"], config=config)
+        model.torchvision_name = parts["name"]
+        model.input_size = parts["input_size"]
+        model.class_names = parts["class_names"]
+        return model
+
+    @classmethod
+    def from_torchvision(cls, model: nn.Module) -> FasterRCNN:
+        """torchvision's ``fasterrcnn_resnet50_fpn`` (v1, v2) or ``fasterrcnn_mobilenet_v3_large(_320)_fpn``
+        as an rpnlab model with the same weights and detections (``rpnlab.detector.torchvision_models``)."""
+        from rpnlab.detector.torchvision_models import torchvision_parts
+
+        parts = torchvision_parts(model)
+        out = cls(parts["backbone"], parts["rpn"], parts["roi_heads"], parts["num_classes"],
+                  image_mean=parts["image_mean"], image_std=parts["image_std"],
+                  size_divisible=parts["size_divisible"], config=parts["config"])
+        out.torchvision_name = parts["name"]  # the torchvision builder it came from
+        out.input_size = parts["input_size"]  # torchvision's (min_size, max_size) resize, for DataConfig
+        out.class_names = parts["class_names"]
+        return out.eval()
+
+    @classmethod
     def from_state(cls, state: dict, map_location: str | torch.device = "cpu") -> FasterRCNN:
         """Rebuild a model from a training checkpoint's contents (``rpnlab.engine.checkpoint``), in eval mode.
 
@@ -151,10 +192,14 @@ class FasterRCNN(nn.Module):
         if "model" not in state or "model" not in state.get("configs", {}):
             raise ValueError("not an rpnlab training checkpoint: it has no model weights or no model config")
         config = from_dict(ModelConfig, state["configs"]["model"])
-        config.pretrained = None
+        config.pretrained = config.init = None  # the state has every weight
         model = cls.from_config(config)
         model.load_state_dict(state["model"])
         model.config.pretrained = state["configs"]["model"].get("pretrained")
+        model.config.init = state["configs"]["model"].get("init")
+        names = state.get("classes")
+        if isinstance(names, (list, tuple)) and len(names) == model.num_classes:
+            model.class_names = [str(n) for n in names]
         return model.to(map_location).eval()
 
     # ------------------------------------------------------------------------------------------

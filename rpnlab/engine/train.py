@@ -175,17 +175,22 @@ def lr_factor(
     milestones: Sequence[int] = (),
     warmup_factor: float = 1e-3,
     gamma: float = 0.1,
+    time_fraction: float = 0.0,
 ) -> float:
     """Multiplier of the base learning rate at iteration ``step`` (0-based) of ``total_steps``.
 
     Linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, multiplied by a cosine decay
     to 0 at ``total_steps`` or by ``gamma`` for every milestone (an iteration) already passed.
+
+    ``time_fraction``: the share of a time budget already used (0 without one). The schedule then
+    runs at whichever is further along, iterations or time, so that a run stopped by its budget
+    has decayed its rate to the end (cosine at 0) instead of stopping at half its peak.
     """
+    progress = max(min(step, total_steps) / max(total_steps, 1), min(max(time_fraction, 0.0), 1.0))
     if schedule == "cosine":
-        progress = min(step, total_steps) / max(total_steps, 1)
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     elif schedule == "step":
-        factor = gamma ** sum(step >= m for m in milestones)
+        factor = gamma ** sum(step >= m or progress * total_steps >= m for m in milestones)
     else:
         raise ValueError(f"schedule={schedule!r} is invalid: expected 'cosine' or 'step'")
     if step < warmup_iters:
@@ -198,6 +203,8 @@ class LRSchedule:
     """``lr_factor`` as a picklable callable for ``torch.optim.lr_scheduler.LambdaLR``.
 
     Its attributes are plain numbers, so the scheduler's state dict loads with ``weights_only``.
+    Under a time budget the trainer sets ``time_fraction`` (share of the budget used) before
+    each step (see ``lr_factor``).
     """
 
     def __init__(self, total_steps: int, warmup_iters: int, schedule: str, milestones: Sequence[int] = ()):
@@ -205,9 +212,11 @@ class LRSchedule:
         self.warmup_iters = int(warmup_iters)
         self.schedule = schedule
         self.milestones = [int(m) for m in milestones]
+        self.time_fraction = 0.0
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.total_steps, self.warmup_iters, self.schedule, self.milestones)
+        return lr_factor(step, self.total_steps, self.warmup_iters, self.schedule, self.milestones,
+                         time_fraction=self.time_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,8 +434,14 @@ class Trainer:
             raise ValueError(f"the training set is empty ({where})")
         num_classes = getattr(self.dataset, "num_classes", None)
         if num_classes is not None and num_classes != model_cfg.num_classes:
+            names = ", ".join(getattr(self.dataset, "classes", ()))
             raise ValueError(f"num_classes={model_cfg.num_classes} but the {data_cfg.dataset} training set has "
-                             f"{num_classes} classes: set num_classes={num_classes}")
+                             f"{num_classes} classes ({names}): set num_classes={num_classes}")
+        # The class names travel with the model and its checkpoints (evaluate and predict use them).
+        self.class_names = [str(n) for n in getattr(self.dataset, "classes", ())]
+        for m in (self.model, self.rpn_model):
+            if m is not None:
+                m.class_names = list(self.class_names)
         self.sampler = EpochSampler(self.dataset, self.world_size, self.rank, seed=train_cfg.seed,
                                     batch_size=train_cfg.batch_size)
         self.iters_per_epoch = self.sampler.batches_per_epoch()
@@ -639,6 +654,7 @@ class Trainer:
             "epoch_step": self.epoch_step,
             "rng": rng_state(),
             "configs": {"model": to_dict(self.model_cfg), "data": to_dict(self.data_cfg), "train": to_dict(self.cfg)},
+            "classes": list(self.class_names),
             "history": self.history,
             "world_size": self.world_size,
             "elapsed_s": elapsed,
@@ -741,6 +757,9 @@ class Trainer:
                 for images, targets in self._loader():
                     self._check_targets(targets)
                     images, targets = _move_batch(images, targets, self.device)
+                    if cfg.time_budget_s is not None:
+                        used = (time.perf_counter() - start_time) / cfg.time_budget_s
+                        scheduler.lr_lambdas[0].time_fraction = self._stage_time_fraction(stage_index, used)
                     record = self._iteration(stage, wrapped, optimizer, scheduler, scaler, images, targets)
                     self.history.append(record)
                     self.step += 1
@@ -749,8 +768,16 @@ class Trainer:
                         for k, v in record.items():
                             if k.startswith("loss") or k == "total":
                                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
-                        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in running.items()}
-                                        | {"lr": f"{record['lr']:.2g}"}, refresh=False)
+                        postfix = {k.replace("loss_", ""): f"{v:.3f}" for k, v in running.items()}
+                        postfix["lr"] = f"{record['lr']:.2g}"
+                        if cfg.time_budget_s is not None:
+                            # The bar's end is what the budget allows at the speed so far, so its ETA is
+                            # the budget's; the postfix shows the seconds used of the budget.
+                            spent = time.perf_counter() - start_time
+                            reachable = self.step + (self.step - start_step) * (cfg.time_budget_s - spent) / spent
+                            bar.total = max(self.step, min(planned, math.ceil(reachable)))
+                            postfix["budget"] = f"{spent:.0f}/{cfg.time_budget_s:g}s"
+                        bar.set_postfix(postfix, refresh=False)
                         bar.update(1)
                     if self._interrupted():
                         stop_reason = "interrupted"
@@ -835,6 +862,14 @@ class Trainer:
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           num_workers=self.cfg.num_workers, collate_fn=_collate, generator=generator,
                           pin_memory=self.device.type == "cuda")
+
+    def _stage_time_fraction(self, stage_index: int, used: float) -> float:
+        """The share of stage ``stage_index``'s part of the time budget used, when ``used`` of the
+        whole budget is gone; the budget is shared between stages as their epochs are."""
+        bounds = self._stage_bounds()
+        total = bounds[-1][1]
+        start, end = (b / total for b in bounds[stage_index])
+        return min(max((used - start) / max(end - start, 1e-9), 0.0), 1.0)
 
     def _over_budget(self, start_time: float) -> bool:
         over = time.perf_counter() - start_time >= self.cfg.time_budget_s
