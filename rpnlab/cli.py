@@ -692,24 +692,32 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             _, data_cfg, _ = configs_from_args(args, base=(model_cfg, data_cfg, TrainConfig()))
         except (ValueError, FileNotFoundError, RuntimeError) as err:
             problems.append(str(err))
+    split = args.split
     if data_cfg is not None:
         problems += _check_data_root(data_cfg)
-        if data_cfg.dataset == "synthetic" and args.split not in ("train", "val", "test"):
-            problems.append(f"--split={args.split!r} is invalid for the synthetic data: expected train, val or test")
+        if not problems and data_cfg.dataset != "synthetic":
+            from rpnlab.data.build import check_split, evaluation_split
+
+            try:
+                if split is None:
+                    split = evaluation_split(data_cfg)  # val, else test; none: the splits found
+                    print(f"evaluating on split {split!r} (choose another with --split)")
+                else:
+                    check_split(data_cfg, split)  # a split the data lacks: the splits found
+            except (ValueError, FileNotFoundError) as err:
+                problems.append(str(err))
+        elif split is None:
+            split = "val"
+        if data_cfg.dataset == "synthetic" and split is not None and split not in ("train", "val", "test"):
+            problems.append(f"--split={split!r} is invalid for the synthetic data: expected train, val or test")
         elif not problems:
-            found = scan_dataset(data_cfg, args.split)
+            found = scan_dataset(data_cfg, split)
             if found:
-                problems.append(f"{len(found)} problem(s) in the {args.split} data:\n{format_problems(found)}")
+                problems.append(f"{len(found)} problem(s) in the {split} data:\n{format_problems(found)}")
     _refuse(parser, problems)
     try:
         device = resolve_device(args.device)
         model = load_model(args.checkpoint, map_location=device)
-        split = args.split
-        if split is None:
-            from rpnlab.data.build import evaluation_split
-
-            split = evaluation_split(data_cfg)
-            print(f"evaluating on split {split!r} (choose another with --split)")
         classes = checkpoint_classes(args.checkpoint)
         dataset = build_dataset(data_cfg, split, train=False, classes=classes)
         if dataset.num_classes != model.num_classes:  # a checkpoint from before class names were kept

@@ -67,7 +67,8 @@ def available_splits(cfg: DataConfig) -> list[str]:
     return sorted(found)
 
 
-def _check_split(cfg: DataConfig, split: str) -> None:
+def check_split(cfg: DataConfig, split: str) -> None:
+    """Raise ``ValueError`` listing the splits the data has when ``split`` is not one of them."""
     splits = available_splits(cfg)
     if split not in splits:
         layout = (f" (expected {cfg.root}/annotations/instances_{split}2017.json or "
@@ -172,7 +173,7 @@ def build_dataset(
             root=cfg.root,
             transforms=transforms,
         )
-    _check_split(cfg, split)
+    check_split(cfg, split)
     unknown = "skip" if classes is None or cfg.classes is not None else "raise"
     if classes is not None:
         names = tuple(classes)
