@@ -182,13 +182,20 @@ class BoxCoder:
 
         Same argument order as detectron2's ``get_deltas(src, target)``; torchvision's
         ``BoxCoder.encode_single(reference_boxes, proposals)`` takes them the other way round.
-        Anchors must have positive width and height.
+        Anchors must have positive width and height. ``anchors`` may broadcast against
+        ``gt_boxes`` (e.g. ``(A, 4)`` shared by a batch ``(B, A, 4)``): their centres and sizes
+        are then computed once.
         """
         check_boxes(anchors, "anchors", values=False)
         check_boxes(gt_boxes, "gt_boxes", values=False)
-        if anchors.shape != gt_boxes.shape:
+        try:
+            shape = torch.broadcast_shapes(anchors.shape, gt_boxes.shape)
+        except RuntimeError:
+            shape = None
+        if shape != gt_boxes.shape:
             raise ValueError(
-                f"anchors and gt_boxes must have the same shape, got {tuple(anchors.shape)} and {tuple(gt_boxes.shape)}"
+                f"anchors must have the shape of gt_boxes or broadcast to it, got {tuple(anchors.shape)} "
+                f"and {tuple(gt_boxes.shape)}"
             )
         wx, wy, ww, wh = self.weights
         a = xyxy_to_cxcywh(anchors)
