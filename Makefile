@@ -10,7 +10,7 @@ RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test smoke lint fmt check bench clean lab
+.PHONY: setup run test smoke lint fmt check bench bench-detector gpu-check wheelhouse clean lab
 
 setup: $(STAMP)
 
@@ -49,7 +49,12 @@ check: $(STAMP)
 	$(PY) -m rpnlab.lab.nbclean check $(NOTEBOOKS)
 	$(VENV)/bin/ruff check rpnlab tests benchmarks
 
+## rpnlab vs torchvision operation by operation (CPU, 1 thread): table printed, CSV/JSON in runs/bench/
 bench: $(STAMP)
+	$(PY) benchmarks/bench_ops.py --out runs/bench --markdown runs/bench/bench_ops.md
+
+## The whole-detector benchmark: both detectors trained for the same time budget, then mAP
+bench-detector: $(STAMP)
 	$(PY) benchmarks/bench_detector.py
 
 lab: $(STAMP)
