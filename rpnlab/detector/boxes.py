@@ -197,14 +197,23 @@ class BoxCoder:
                 f"anchors must have the shape of gt_boxes or broadcast to it, got {tuple(anchors.shape)} "
                 f"and {tuple(gt_boxes.shape)}"
             )
-        wx, wy, ww, wh = self.weights
-        a = xyxy_to_cxcywh(anchors)
-        g = xyxy_to_cxcywh(gt_boxes)
-        tx = wx * (g[..., 0] - a[..., 0]) / a[..., 2]
-        ty = wy * (g[..., 1] - a[..., 1]) / a[..., 3]
-        tw = ww * torch.log(g[..., 2] / a[..., 2])
-        th = wh * torch.log(g[..., 3] / a[..., 3])
-        return torch.stack((tx, ty, tw, th), dim=-1)
+        # Computed on planar copies (4, ...) so that every step is a contiguous pass, then moved
+        # back: stacking four strided (...) results cost as much as the arithmetic itself. Same
+        # operations in the same order as the formulas above (a weight of 1 is skipped: x * 1 == x).
+        dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+        a = anchors.to(dtype).movedim(-1, 0).contiguous()  # (4, ...) broadcasting against g
+        g = gt_boxes.to(dtype).movedim(-1, 0).contiguous()
+        out = torch.empty(g.shape, dtype=dtype, device=g.device)
+        for i, (lo, hi) in enumerate(((0, 2), (1, 3))):  # x, then y
+            a_size = a[hi] - a[lo]
+            torch.sub((g[lo] + g[hi]) / 2, (a[lo] + a[hi]) / 2, out=out[i])
+            if self.weights[i] != 1.0:
+                out[i].mul_(self.weights[i])
+            out[i].div_(a_size)
+            torch.div(g[hi] - g[lo], a_size, out=out[i + 2]).log_()
+            if self.weights[i + 2] != 1.0:
+                out[i + 2].mul_(self.weights[i + 2])
+        return out.movedim(0, -1).contiguous()
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """Apply ``deltas: (..., 4)`` (or ``(N, 4k)`` for k classes) to ``anchors: (N, 4)`` -> boxes.

@@ -93,10 +93,8 @@ class Matcher:
 
     def _threshold(self, best_quality: Tensor, best_gt: Tensor) -> Tensor:
         """``(A,)`` best quality and its gt index -> ``(A,)`` match codes (no low-quality rule)."""
-        below = torch.full_like(best_gt, self.BELOW_LOW_THRESHOLD)
-        between = torch.full_like(best_gt, self.BETWEEN_THRESHOLDS)
-        matches = torch.where(best_quality >= self.high_threshold, best_gt, between)
-        return torch.where(best_quality < self.low_threshold, below, matches)
+        matches = torch.where(best_quality >= self.high_threshold, best_gt, self.BETWEEN_THRESHOLDS)
+        return matches.masked_fill_(best_quality < self.low_threshold, self.BELOW_LOW_THRESHOLD)
 
     def __call__(self, match_quality_matrix: Tensor) -> Tensor:
         """``match_quality_matrix: (M, A)`` (gt x anchors, e.g. IoU) -> ``matched_idxs: (A,)`` int64."""

@@ -164,8 +164,9 @@ def _label_group(anchors, gt_boxes_list, matcher, image_sizes, ignore_cross_boun
     if gt.shape[1] == 0:
         return labels, anchors.new_zeros((len(gt_boxes_list), anchors.shape[0], 4))
     # Background rows gather gt 0 (the zero padding in an image without boxes), as per image.
-    index = matched.clamp(min=0)[..., None].expand(-1, -1, 4)
-    return labels, torch.gather(gt, 1, index)
+    b, m = gt.shape[:2]
+    rows = matched.clamp(min=0) + torch.arange(0, b * m, m, device=gt.device)[:, None]  # (B, A)
+    return labels, gt.view(b * m, 4).index_select(0, rows.view(-1)).view(b, -1, 4)
 
 
 def label_anchors_batched(
