@@ -224,18 +224,19 @@ class BalancedSampler:
         return torch.randperm(n, generator=self.generator, device=self.generator.device).to(device)
 
     def _keys(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        """Uniform keys in [0, 1), float64 so that ties between 10^5 anchors are practically impossible."""
+        """Uniform keys in [0, 1), one per anchor."""
         if self.generator is None:
-            return torch.rand(shape, dtype=torch.float64, device=device)
-        keys = torch.rand(shape, dtype=torch.float64, generator=self.generator, device=self.generator.device)
-        return keys.to(device)
+            return torch.rand(shape, device=device)
+        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)
 
-    def _pick(self, candidates: Tensor, count: int, keys: Tensor | None, device) -> Tensor:
+    def _pick(self, candidates: Tensor, count: int, keys: Tensor | None, device, k: int) -> Tensor:
         """``count`` of the indices ``candidates: (N,)``, by ``draw``."""
         if keys is None:
             return candidates[self._randperm(candidates.numel(), device)[:count]]
-        order = torch.argsort(keys[candidates], descending=True)
-        return candidates[order[:count]]
+        # The candidates with the largest keys: a top-k over the masked keys with the k that
+        # sample_batch uses, so that equal keys (float32 draws can tie) resolve the same way.
+        masked = torch.full_like(keys, -1.0).index_put_((candidates,), keys[candidates])
+        return masked.topk(min(k, keys.numel())).indices[:count]
 
     def __call__(self, labels: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``labels``: per image ``(A_i,)`` with 1 (or any value >= 1) positive, 0 negative,
@@ -256,8 +257,9 @@ class BalancedSampler:
             num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
             # Same draw order as torchvision (positives, then negatives) so seeds agree.
             keys = self._keys(lab.shape, lab.device) if self.draw == "keys" else None
-            pos_pick = self._pick(positive, num_pos, keys, lab.device)
-            neg_pick = self._pick(negative, num_neg, keys, lab.device)
+            max_pos = int(self.batch_size_per_image * self.positive_fraction)
+            pos_pick = self._pick(positive, num_pos, keys, lab.device, max_pos)
+            neg_pick = self._pick(negative, num_neg, keys, lab.device, self.batch_size_per_image)
             pos_mask = torch.zeros(lab.shape, dtype=torch.bool, device=lab.device)
             neg_mask = torch.zeros(lab.shape, dtype=torch.bool, device=lab.device)
             pos_mask[pos_pick] = True
