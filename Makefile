@@ -62,3 +62,11 @@ lab: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
+
+## Offline GPU check, step 1 on a connected machine: the dependencies but torch into wheelhouse/
+wheelhouse:
+	$(PYTHON) benchmarks/gpu_check.py wheelhouse --dest wheelhouse
+
+## Offline GPU check, step 2 on the GPU machine (torch with CUDA installed): report in runs/gpu-check/
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py run

@@ -109,3 +109,17 @@ def test_sample_batch_is_uniform_over_candidates():
         sampler.sample_batch(torch.zeros(5))
     with pytest.raises(ValueError, match="draw"):
         BalancedSampler(draw="shuffle")
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_batched_targets_and_sampling_on_device_equal_teaching_on_cpu(device, cross):
+    g = torch.Generator().manual_seed(3)
+    anchors, gts, sizes = _batch(g, [3, 0, 12])
+    ref = label_anchors_batch(anchors, gts, Matcher(), sizes, cross)
+    out = label_anchors_batched(anchors.to(device), [x.to(device) for x in gts], Matcher(), sizes, cross)
+    assert out[0].device.type == device.type
+    assert torch.equal(out[0].cpu(), ref[0]) and torch.equal(out[1].cpu(), ref[1])
+    # a CPU generator draws the same keys whatever the labels' device
+    pos, neg = BalancedSampler(64, 0.5, torch.Generator().manual_seed(1)).sample_batch(out[0])
+    rpos, rneg = BalancedSampler(64, 0.5, torch.Generator().manual_seed(1), draw="keys")(list(ref[0]))
+    assert torch.equal(pos.cpu(), torch.stack(rpos)) and torch.equal(neg.cpu(), torch.stack(rneg))
