@@ -278,7 +278,8 @@ def bench_amp(clock: Clock, device, quick: bool) -> list[dict]:
         sum(out.losses.values()).backward()
 
     times = clock.run({"rpnlab": lambda: step(True), "torchvision": lambda: step(False)})
-    row = _row(f"RPN train step, autocast {dtype} vs float32", f"B={b} 38x63 C=256", times, True)
+    row = _row(f"rpnlab RPN train step, autocast {dtype} (torchvision column: the same in float32)",
+               f"B={b} 38x63 C=256", times, True)
     row["note"] = "'torchvision' column here: the same rpnlab step in float32"
     return [row]
 
