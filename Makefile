@@ -10,7 +10,7 @@ RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test smoke lint fmt check bench clean lab results
+.PHONY: setup run test smoke lint fmt check bench bench-detector gpu-check wheelhouse clean lab results
 
 setup: $(STAMP)
 
@@ -49,7 +49,12 @@ check: $(STAMP)
 	$(PY) -m rpnlab.lab.nbclean check $(NOTEBOOKS)
 	$(VENV)/bin/ruff check rpnlab tests benchmarks
 
+## rpnlab vs torchvision operation by operation (CPU, 1 thread): table printed, CSV/JSON in runs/bench/
 bench: $(STAMP)
+	$(PY) benchmarks/bench_ops.py --out runs/bench --markdown runs/bench/bench_ops.md
+
+## The whole-detector benchmark: both detectors trained for the same time budget, then mAP
+bench-detector: $(STAMP)
 	$(PY) benchmarks/bench_detector.py
 
 ## Notebook 09's ablations (3 seeds, RPN recall), written under docs/results/ (RESULTS_ARGS=--quick: a minute)
@@ -67,3 +72,10 @@ INSTRUCTOR_OUT ?= runs/instructor
 ## The instructor edition: notebooks 01-07 with the exercises' solutions filled in, into runs/instructor/
 instructor: $(STAMP)
 	$(PY) -m rpnlab.lab.exercises.instructor --out $(INSTRUCTOR_OUT)
+## Offline GPU check, step 1 on a connected machine: the dependencies but torch into wheelhouse/
+wheelhouse:
+	$(PYTHON) benchmarks/gpu_check.py wheelhouse --dest wheelhouse
+
+## Offline GPU check, step 2 on the GPU machine (torch with CUDA installed): report in runs/gpu-check/
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py run

@@ -20,3 +20,12 @@ def random_boxes(n: int, size: float = 100.0, generator: torch.Generator | None 
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where device-taking tests run: ``RPNLAB_TEST_DEVICE`` (``make gpu-check`` sets ``cuda``), else CPU."""
+    name = os.environ.get("RPNLAB_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip(f"RPNLAB_TEST_DEVICE={name} but CUDA is not available")
+    return torch.device(name)

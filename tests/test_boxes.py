@@ -280,7 +280,7 @@ def test_functions_reject_bad_boxes_by_argument_name():
         box_iou(random_boxes(2), torch.zeros(2, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"box_iou expects boxes1 \(N, 4\)"):
         box_iou(torch.zeros(2, 3, 4), random_boxes(2))
-    with pytest.raises(ValueError, match="anchors and gt_boxes must have the same shape"):
+    with pytest.raises(ValueError, match="anchors must have the shape of gt_boxes or broadcast"):
         BoxCoder().encode(random_boxes(3), random_boxes(4))
     with pytest.raises(ValueError, match="multiple of 4"):
         BoxCoder().decode(torch.zeros(3, 5), random_boxes(3))

@@ -379,3 +379,27 @@ def test_proposal_layer_rejects_bad_input():
         ProposalLayer(pre_nms_top_n=(0, 10))
     with pytest.raises(ValueError, match="mode"):
         ProposalLayer(mode="soft")
+
+
+# ---------------------------------------------------------------- NMS on a growing prefix
+
+
+@pytest.mark.parametrize("max_kept", [1, 5, 40, 300])
+@pytest.mark.parametrize("implementation", ["torchvision", "python"])
+def test_batched_nms_first_equals_full_nms_cut(max_kept, implementation):
+    from rpnlab.detector.proposals import batched_nms, batched_nms_first
+
+    g = torch.Generator().manual_seed(max_kept)
+    n = 3000 if implementation == "torchvision" else 700
+    boxes = random_boxes(n, size=300.0, generator=g)
+    scores = torch.rand(n, generator=g)
+    scores[::50] = scores[1::50][: scores[::50].shape[0]]  # some equal scores
+    idxs = torch.randint(0, 3, (n,), generator=g)
+    for thresh in (0.3, 0.7):
+        kept = batched_nms(boxes, scores, idxs, thresh, implementation)
+        first = batched_nms_first(boxes, scores, idxs, thresh, max_kept, implementation)
+        # torchvision's kernel may order equal scores either way: the same scores, all kept boxes
+        assert torch.equal(scores[first], scores[kept[:max_kept]]), thresh
+        assert set(first.tolist()) <= set(kept.tolist())
+        if implementation == "python":  # stable throughout: the very same indices
+            assert torch.equal(first, kept[:max_kept])

@@ -126,3 +126,33 @@ def test_dataset_browser(dataset):
         assert ex.last_result["labels"] == target["labels"].tolist()
     assert ex.controls["index"].max == len(dataset) - 1
     assert png_of(ex)
+
+
+def test_anchor_explorer_reuses_coverage_when_only_the_image_changes(dataset, monkeypatch):
+    ex = widgets.anchor_explorer(dataset, render=False)
+    calls = []
+    real = widgets.anchor_coverage
+    monkeypatch.setattr(widgets, "anchor_coverage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    best = ex.last_result["best_iou"]
+    ex.controls["index"].value = 3
+    assert calls == [] and ex.last_result["index"] == 3 and ex.last_result["best_iou"] is best
+    ex.controls["stride"].value = 8
+    assert calls  # a setting that changes the anchors recomputes it
+
+
+def test_explorer_looks(dataset):
+    ex = widgets.anchor_explorer(dataset, render=False)
+    for name in ("sizes", "ratios"):  # every option visible: no scrolling list hides a selection
+        assert ex.controls[name].rows == len(ex.controls[name].options)
+    for control in ex.controls.values():  # labels are not cut off; sliders update on release
+        assert control.style.description_width == "initial"
+    assert ex.controls["index"].continuous_update is False
+
+
+def test_matching_figure_draws_the_thresholds(dataset):
+    ex = widgets.matching_explorer(dataset, index=1)
+    first = png_of(ex)
+    ex.controls["high"].value = 0.5
+    assert png_of(ex) != first  # the figure itself changes with a threshold, not only the counts
+    ex.controls["low"].value = 0.1
+    assert ex.last_result["low"] == 0.1 and ex.last_result["high"] == 0.5

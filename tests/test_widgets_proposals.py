@@ -235,3 +235,15 @@ def test_explorer_draws_and_reports(explorer_inputs):
     assert "&rarr;" in ex.status.value and "ms" in ex.status.value
     with pytest.raises(ValueError, match="anchors is empty"):
         widgets.proposal_explorer(image, anchors[:0], objectness[:0], deltas[:0])
+
+
+def test_post_nms_slider_stays_at_or_below_pre_nms(explorer_inputs):
+    image, anchors, objectness, deltas, gt = explorer_inputs
+    ex = widgets.proposal_explorer(image, anchors, objectness, deltas, gt, pre_nms_top_n=300,
+                                   post_nms_top_n=200, render=False)
+    assert ex.controls["post_nms_top_n"].max == 300
+    ex.controls["pre_nms_top_n"].value = 100
+    assert ex.controls["post_nms_top_n"].value == 100 and ex.controls["post_nms_top_n"].max == 100
+    assert ex.last_result["post_nms_top_n"] == 100 and ex.last_result["pre_nms_top_n"] == 100
+    ex.controls["pre_nms_top_n"].value = 400  # raising it lets post-NMS go higher, without moving it
+    assert ex.controls["post_nms_top_n"].max == 400 and ex.last_result["pre_nms_top_n"] == 400

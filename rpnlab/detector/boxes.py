@@ -192,22 +192,38 @@ class BoxCoder:
 
         Same argument order as detectron2's ``get_deltas(src, target)``; torchvision's
         ``BoxCoder.encode_single(reference_boxes, proposals)`` takes them the other way round.
-        Anchors must have positive width and height.
+        Anchors must have positive width and height. ``anchors`` may broadcast against
+        ``gt_boxes`` (e.g. ``(A, 4)`` shared by a batch ``(B, A, 4)``): their centres and sizes
+        are then computed once.
         """
         check_boxes(anchors, "anchors", values=False)
         check_boxes(gt_boxes, "gt_boxes", values=False)
-        if anchors.shape != gt_boxes.shape:
+        try:
+            shape = torch.broadcast_shapes(anchors.shape, gt_boxes.shape)
+        except RuntimeError:
+            shape = None
+        if shape != gt_boxes.shape:
             raise ValueError(
-                f"anchors and gt_boxes must have the same shape, got {tuple(anchors.shape)} and {tuple(gt_boxes.shape)}"
+                f"anchors must have the shape of gt_boxes or broadcast to it, got {tuple(anchors.shape)} "
+                f"and {tuple(gt_boxes.shape)}"
             )
-        wx, wy, ww, wh = self.weights
-        a = xyxy_to_cxcywh(anchors)
-        g = xyxy_to_cxcywh(gt_boxes)
-        tx = wx * (g[..., 0] - a[..., 0]) / a[..., 2]
-        ty = wy * (g[..., 1] - a[..., 1]) / a[..., 3]
-        tw = ww * torch.log(g[..., 2] / a[..., 2])
-        th = wh * torch.log(g[..., 3] / a[..., 3])
-        return torch.stack((tx, ty, tw, th), dim=-1)
+        # Computed on planar copies (4, ...) so that every step is a contiguous pass, then moved
+        # back: stacking four strided (...) results cost as much as the arithmetic itself. Same
+        # operations in the same order as the formulas above (a weight of 1 is skipped: x * 1 == x).
+        dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+        a = anchors.to(dtype).movedim(-1, 0).contiguous()  # (4, ...) broadcasting against g
+        g = gt_boxes.to(dtype).movedim(-1, 0).contiguous()
+        out = torch.empty(g.shape, dtype=dtype, device=g.device)
+        for i, (lo, hi) in enumerate(((0, 2), (1, 3))):  # x, then y
+            a_size = a[hi] - a[lo]
+            torch.sub((g[lo] + g[hi]) / 2, (a[lo] + a[hi]) / 2, out=out[i])
+            if self.weights[i] != 1.0:
+                out[i].mul_(self.weights[i])
+            out[i].div_(a_size)
+            torch.div(g[hi] - g[lo], a_size, out=out[i + 2]).log_()
+            if self.weights[i + 2] != 1.0:
+                out[i + 2].mul_(self.weights[i + 2])
+        return out.movedim(0, -1).contiguous()
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """Apply ``deltas: (..., 4)`` (or ``(N, 4k)`` for k classes) to ``anchors: (N, 4)`` -> boxes.

@@ -93,10 +93,8 @@ class Matcher:
 
     def _threshold(self, best_quality: Tensor, best_gt: Tensor) -> Tensor:
         """``(A,)`` best quality and its gt index -> ``(A,)`` match codes (no low-quality rule)."""
-        below = torch.full_like(best_gt, self.BELOW_LOW_THRESHOLD)
-        between = torch.full_like(best_gt, self.BETWEEN_THRESHOLDS)
-        matches = torch.where(best_quality >= self.high_threshold, best_gt, between)
-        return torch.where(best_quality < self.low_threshold, below, matches)
+        matches = torch.where(best_quality >= self.high_threshold, best_gt, self.BETWEEN_THRESHOLDS)
+        return matches.masked_fill_(best_quality < self.low_threshold, self.BELOW_LOW_THRESHOLD)
 
     def __call__(self, match_quality_matrix: Tensor) -> Tensor:
         """``match_quality_matrix: (M, A)`` (gt x anchors, e.g. IoU) -> ``matched_idxs: (A,)`` int64."""
@@ -176,19 +174,30 @@ class BalancedSampler:
         batch_size_per_image: anchors sampled per image (the paper's 256).
         positive_fraction: the largest share of positives (the paper's 0.5).
         generator: a ``torch.Generator`` for reproducible draws. A CPU generator with labels on
-            another device draws on the CPU and moves the indices (randperm needs a generator of
+            another device draws on the CPU and moves the result (randperm needs a generator of
             its own device). Without one the global RNG of the labels' device is used, which draws
-            the same as torchvision's sampler after the same ``torch.manual_seed``.
+            the same as torchvision's sampler after the same ``torch.manual_seed`` (``"randperm"``).
+        draw: how ``__call__`` picks, image by image: ``"randperm"`` (torchvision's: shuffle the
+            index lists, take the first ones) or ``"keys"`` (one uniform random key per anchor,
+            take the positives and the negatives with the largest keys). ``"keys"`` picks exactly
+            what ``sample_batch`` picks for the whole batch with the same generator state.
 
-    Counting the positives reads their number on the host (as torchvision does): one sync per image.
+    ``__call__`` counts the positives on the host (as torchvision does): one sync per image.
+    ``sample_batch`` is the fixed-size form of the same draw for a ``(B, A)`` batch, without syncs.
     """
+
+    DRAWS = ("randperm", "keys")
 
     def __init__(
         self,
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
         generator: torch.Generator | None = None,
+        draw: str = "randperm",
     ):
+        if draw not in self.DRAWS:
+            raise ValueError(f"draw must be one of {self.DRAWS}, got {draw!r}")
+        self.draw = draw
         if not (
             isinstance(batch_size_per_image, int)
             and not isinstance(batch_size_per_image, bool)
@@ -214,6 +223,21 @@ class BalancedSampler:
             return torch.randperm(n, device=device)
         return torch.randperm(n, generator=self.generator, device=self.generator.device).to(device)
 
+    def _keys(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Uniform keys in [0, 1), one per anchor."""
+        if self.generator is None:
+            return torch.rand(shape, device=device)
+        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)
+
+    def _pick(self, candidates: Tensor, count: int, keys: Tensor | None, device, k: int) -> Tensor:
+        """``count`` of the indices ``candidates: (N,)``, by ``draw``."""
+        if keys is None:
+            return candidates[self._randperm(candidates.numel(), device)[:count]]
+        # The candidates with the largest keys: a top-k over the masked keys with the k that
+        # sample_batch uses, so that equal keys (float32 draws can tie) resolve the same way.
+        masked = torch.full_like(keys, -1.0).index_put_((candidates,), keys[candidates])
+        return masked.topk(min(k, keys.numel())).indices[:count]
+
     def __call__(self, labels: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``labels``: per image ``(A_i,)`` with 1 (or any value >= 1) positive, 0 negative,
         -1 ignored -> ``(pos_masks, neg_masks)``, lists of bool ``(A_i,)``."""
@@ -232,8 +256,10 @@ class BalancedSampler:
             num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
             num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
             # Same draw order as torchvision (positives, then negatives) so seeds agree.
-            pos_pick = positive[self._randperm(positive.numel(), lab.device)[:num_pos]]
-            neg_pick = negative[self._randperm(negative.numel(), lab.device)[:num_neg]]
+            keys = self._keys(lab.shape, lab.device) if self.draw == "keys" else None
+            max_pos = int(self.batch_size_per_image * self.positive_fraction)
+            pos_pick = self._pick(positive, num_pos, keys, lab.device, max_pos)
+            neg_pick = self._pick(negative, num_neg, keys, lab.device, self.batch_size_per_image)
             pos_mask = torch.zeros(lab.shape, dtype=torch.bool, device=lab.device)
             neg_mask = torch.zeros(lab.shape, dtype=torch.bool, device=lab.device)
             pos_mask[pos_pick] = True
@@ -241,6 +267,42 @@ class BalancedSampler:
             pos_masks.append(pos_mask)
             neg_masks.append(neg_mask)
         return pos_masks, neg_masks
+
+    def sample_batch(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``labels: (B, A)`` 1 (or >= 1) / 0 / -1 -> ``(pos_mask, neg_mask)``, bool ``(B, A)``.
+
+        The same counts as ``__call__``, drawn in a fixed-size form: one key per anchor
+        (``torch.rand((B, A))``), then per image the ``P = int(batch_size_per_image *
+        positive_fraction)`` positives with the largest keys (a top-k over keys masked to the
+        positives) and the ``batch_size_per_image - num_pos`` negatives likewise. Every shape is
+        known in advance, so nothing is read back to the host. Picks exactly what ``__call__``
+        picks with ``draw="keys"`` and the same generator state.
+        """
+        if not isinstance(labels, Tensor) or labels.dim() != 2:
+            raise ValueError(
+                f"labels must be a (B, A) tensor, got {getattr(labels, 'shape', type(labels).__name__)}"
+            )
+        b, a = labels.shape
+        keys = self._keys((b, a), labels.device)
+        positive, negative = labels >= 1, labels == 0
+        max_pos = int(self.batch_size_per_image * self.positive_fraction)
+        pos_mask = self._top_keys(keys, positive, min(max_pos, a), None)
+        num_pos = pos_mask.sum(dim=1)  # (B,) = min(#positives, max_pos), stays on the device
+        neg_mask = self._top_keys(keys, negative, min(self.batch_size_per_image, a),
+                                  self.batch_size_per_image - num_pos)
+        return pos_mask, neg_mask
+
+    @staticmethod
+    def _top_keys(keys: Tensor, candidates: Tensor, k: int, limit: Tensor | None) -> Tensor:
+        """Mask of the (at most ``limit`` per row, at most ``k``) candidates with the largest keys."""
+        mask = torch.zeros_like(candidates)
+        if k == 0:
+            return mask
+        values, idx = keys.masked_fill(~candidates, -1.0).topk(k, dim=1)  # (B, k), largest first
+        keep = values >= 0  # non-candidates have key -1
+        if limit is not None:
+            keep &= torch.arange(k, device=keys.device)[None, :] < limit[:, None]
+        return mask.scatter_(1, idx, keep)
 
     def __repr__(self) -> str:
         return (

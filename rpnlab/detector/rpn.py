@@ -31,8 +31,9 @@ from rpnlab.config import AnchorConfig, RPNConfig
 from rpnlab.detector.anchors import AnchorGenerator
 from rpnlab.detector.boxes import BoxCoder, check_boxes
 from rpnlab.detector.losses import rpn_loss, softmax_objectness_pairs
-from rpnlab.detector.matching import BalancedSampler, Matcher, label_anchors_batch
+from rpnlab.detector.matching import BalancedSampler, Matcher
 from rpnlab.detector.proposals import ProposalLayer
+from rpnlab.detector.targets import label_anchors_batched
 
 __all__ = ["RPNHead", "RPNOutput", "RegionProposalNetwork", "flatten_head_outputs"]
 
@@ -331,11 +332,12 @@ class RegionProposalNetwork(nn.Module):
     def _loss(self, anchors, objectness, deltas, gt_boxes, image_sizes, feature_sizes):
         """Label, sample, encode, and the loss; returns ``(losses, intermediates)``."""
         cfg = self.config
-        labels, matched_gt_boxes = label_anchors_batch(
+        # The whole batch at once (rpnlab.detector.targets); matching.label_anchors_batch and
+        # BalancedSampler(draw="keys") are the per-image versions that give the same result.
+        labels, matched_gt_boxes = label_anchors_batched(
             anchors, gt_boxes, self.matcher, image_sizes, cfg.ignore_cross_boundary
         )  # (B, A), (B, A, 4)
-        pos_masks, neg_masks = self.sampler(list(labels))
-        pos_mask, neg_mask = torch.stack(pos_masks), torch.stack(neg_masks)
+        pos_mask, neg_mask = self.sampler.sample_batch(labels)
         sampled_labels = torch.where(pos_mask, 1.0, torch.where(neg_mask, 0.0, -1.0)).to(
             deltas.dtype
         )
@@ -343,7 +345,7 @@ class RegionProposalNetwork(nn.Module):
         positive = (labels == 1).unsqueeze(-1)
         # Only positives are regressed; elsewhere the matched box may be a placeholder (all zeros
         # in an image without objects, whose encoding is -inf), so the target is set to 0 there.
-        targets = self.box_coder.encode(anchors.expand_as(matched_gt_boxes), matched_gt_boxes)
+        targets = self.box_coder.encode(anchors, matched_gt_boxes)  # anchors broadcast over B
         regression_targets = torch.where(positive, targets, torch.zeros_like(targets))
 
         losses = rpn_loss(

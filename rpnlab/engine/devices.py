@@ -79,6 +79,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def cpu_threads_for_load(cpu_count: int | None = None, load: float | None = None) -> int:
+    """Torch threads for CPU work given the machine's load: the cores other processes leave free.
+
+    Torch's intra-op threads wait for each other at the end of every parallel operation, so when
+    other processes hold the cores, each operation waits for the slowest thread to be scheduled
+    again: on a 2-core machine at load ~20, a training step of the synthetic detector took 4.9 s
+    on 1 thread and 24.9 s on 2 (``benchmarks``-style interleaved measurement, see the issue-11
+    note). Hence ``cores - round(1-minute load)``, at least 1, at most the cores.
+    """
+    cores = cpu_count or os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - round(load)))
+
+
+def configure_cpu_threads() -> int | None:
+    """Set torch's thread count for a training run on the CPU from the load (``cpu_threads_for_load``).
+
+    An explicit choice wins: ``RPNLAB_THREADS`` (a positive int) or ``OMP_NUM_THREADS`` in the
+    environment. Returns the count set, or ``None`` when an explicit ``OMP_NUM_THREADS`` is left alone.
+    """
+    chosen = os.environ.get("RPNLAB_THREADS")
+    if chosen is not None:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"RPNLAB_THREADS must be a positive int, got {chosen!r}")
+        threads = int(chosen)
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return None
+    else:
+        threads = cpu_threads_for_load()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def describe_environment(device: str | torch.device = "auto") -> dict:
     """Versions and hardware as a plain dict (notebook 00 prints it; reports keep it for later).
 

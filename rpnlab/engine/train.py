@@ -66,7 +66,7 @@ from rpnlab.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from rpnlab.engine.devices import resolve_device, seed_everything
+from rpnlab.engine.devices import configure_cpu_threads, resolve_device, seed_everything
 
 __all__ = [
     "PARAMETER_LIMIT",
@@ -387,6 +387,8 @@ class Trainer:
         self.progress = progress
         self.callback = callback
         self.device = resolve_device(train_cfg.device)
+        # On a shared CPU, more torch threads than free cores makes every step wait (issue 11).
+        self.cpu_threads = configure_cpu_threads() if self.device.type == "cpu" else None
         if train_cfg.amp != "off" and self.device.type != "cuda":
             raise ValueError(f"amp={train_cfg.amp!r} needs a CUDA device, but training runs on {self.device}; "
                              "use amp='off'")

@@ -81,6 +81,18 @@ def show_figure(output: W.Output, fig, dpi: int = 80) -> float:
     return time.perf_counter() - start
 
 
+# Labels wide enough to read ("pre-NMS top-k", not "pre-NMS t..."); sliders update when released,
+# not at every pixel of a drag (the debounce: one figure per decision, not twenty).
+_STYLE = {"description_width": "initial"}
+
+
+def _styled(control: W.Widget) -> W.Widget:
+    control.style = _STYLE
+    if hasattr(control, "continuous_update"):
+        control.continuous_update = False
+    return control
+
+
 def _status_html(lines: Sequence[str]) -> str:
     return "<br>".join(lines)
 
@@ -92,6 +104,8 @@ def _anchors_for(sizes, ratios, stride: int, image_size: tuple[int, int]) -> tup
 
 def _explorer(controls: dict[str, W.Widget], layout: W.Widget, output: W.Output, status: W.HTML,
               update: Callable[[], dict[str, Any]], result: dict[str, Any]) -> Explorer:
+    for control in controls.values():
+        _styled(control)
     box = W.VBox([layout, status, output])
     explorer = Explorer(widget=box, controls=controls, output=output, status=status, update=update,
                         last_result=result)
@@ -166,16 +180,34 @@ def anchor_explorer(
         by_size.setdefault(image_sizes[-1], []).append(target["boxes"].reshape(-1, 4))
     gt_by_size = {size: torch.cat(parts) for size, parts in by_size.items()}
 
+    size_list = sorted(set(size_options) | set(sizes))
+    ratio_list = sorted(set(ratio_options) | set(ratios))
     controls = {
-        "sizes": W.SelectMultiple(options=sorted(set(size_options) | set(sizes)), value=tuple(sizes),
-                                  description="sizes", rows=6),
-        "ratios": W.SelectMultiple(options=sorted(set(ratio_options) | set(ratios)), value=tuple(ratios),
-                                   description="ratios (h/w)", rows=6),
+        # One row per option: a list that scrolls hides selected entries.
+        "sizes": W.SelectMultiple(options=size_list, value=tuple(sizes), description="sizes", rows=len(size_list)),
+        "ratios": W.SelectMultiple(options=ratio_list, value=tuple(ratios), description="ratios (h/w)",
+                                   rows=len(ratio_list)),
         "stride": W.Dropdown(options=sorted(set(stride_options) | {stride}), value=stride, description="stride"),
         "index": W.IntSlider(value=index, min=0, max=len(image_sizes) - 1, description="image"),
     }
     output, status = W.Output(), W.HTML()
     result: dict[str, Any] = {}
+    # The dataset coverage depends on sizes, ratios and stride, not on the image shown: moving
+    # the image slider reuses it (it is the slow part, every gt box of every image).
+    coverage_cache: dict[tuple, tuple[torch.Tensor, dict]] = {}
+
+    def coverage(sel_sizes, sel_ratios, stride_v):
+        key = (tuple(sel_sizes), tuple(sel_ratios), stride_v)
+        if key not in coverage_cache:
+            best, num_anchors = [], {}
+            for size, gt in gt_by_size.items():
+                _, anchors = _anchors_for(sel_sizes, sel_ratios, stride_v, size)
+                num_anchors[size] = anchors.shape[0]
+                best.append(anchor_coverage(anchors, gt, thresholds)["best_iou"])
+            if len(coverage_cache) > 32:
+                coverage_cache.clear()
+            coverage_cache[key] = (torch.cat(best), num_anchors)
+        return coverage_cache[key]
 
     def update() -> dict[str, Any]:
         sel_sizes, sel_ratios = controls["sizes"].value, controls["ratios"].value
@@ -184,12 +216,7 @@ def anchor_explorer(
             status.value = "<b>select at least one size and one ratio</b>"
             return result
         start = time.perf_counter()
-        best, num_anchors = [], {}
-        for size, gt in gt_by_size.items():
-            _, anchors = _anchors_for(sel_sizes, sel_ratios, stride_v, size)
-            num_anchors[size] = anchors.shape[0]
-            best.append(anchor_coverage(anchors, gt, thresholds)["best_iou"])
-        best_iou = torch.cat(best)
+        best_iou, num_anchors = coverage(sel_sizes, sel_ratios, stride_v)
         # Summaries over all boxes (per-size groups merged): the mean and the share above each t.
         mean_best = float(best_iou.mean()) if best_iou.numel() else float("nan")
         covered = {float(t): float((best_iou >= t).float().mean()) if best_iou.numel() else float("nan")
@@ -294,14 +321,23 @@ def matching_explorer(
     }
     output, status = W.Output(), W.HTML()
     result: dict[str, Any] = {}
+    image_cache: dict[int, tuple] = {}  # index -> image, gt, anchors, each anchor's best IoU
+
+    def image_data(i: int):
+        if i not in image_cache:
+            image, target = dataset[i]
+            gt = target["boxes"]
+            _, anchors = _anchors_for(sizes, ratios, stride, tuple(image.shape[-2:]))
+            best = box_iou(gt, anchors).amax(dim=0) if gt.shape[0] else anchors.new_zeros(anchors.shape[0])
+            image_cache.clear()  # one image at a time: the thresholds move far more often
+            image_cache[i] = (image, gt, anchors, best)
+        return image_cache[i]
 
     def update() -> dict[str, Any]:
         high, low = controls["high"].value, controls["low"].value
         i = controls["index"].value
         start = time.perf_counter()
-        image, target = dataset[i]
-        gt = target["boxes"]
-        _, anchors = _anchors_for(sizes, ratios, stride, tuple(image.shape[-2:]))
+        image, gt, anchors, best_iou = image_data(i)
         matcher = Matcher(high, low, allow_low_quality_matches=controls["low_quality"].value)
         labels, _ = label_anchors(anchors, gt, matcher)
         matched = matcher.match_boxes(gt, anchors)
@@ -314,7 +350,11 @@ def matching_explorer(
                       gt_without_positive=gt.shape[0] - covered_gt, seconds=seconds, render_seconds=0.0, **counts)
         if render:
             start = time.perf_counter()
-            show_figure(output, plot_matching(image, anchors, labels, gt))
+            fig, axes = new_figure(1, 2, (5.0, 4.2))
+            plot_matching(image, anchors, labels, gt, ax=axes[0, 0])
+            _plot_thresholds(axes[0, 1], best_iou, low, high)
+            _legends_outside(fig)
+            show_figure(output, fig)
             result["render_seconds"] = time.perf_counter() - start
         status.value = _status_html([
             (f"{counts['positive']} positive, {counts['negative']} negative, {counts['ignored']} ignored "
@@ -342,6 +382,33 @@ def matching_explorer(
     controls["index"].observe(lambda _change: update(), names="value")
     layout = W.HBox([W.VBox([controls["high"], controls["low"]]), W.VBox([controls["low_quality"], controls["index"]])])
     return _explorer(controls, layout, output, status, update, result)
+
+
+def _legends_outside(fig) -> None:
+    """Move every axes' legend under its axes, so that it covers no object in the image."""
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        handles, texts = legend.legend_handles, [t.get_text() for t in legend.get_texts()]
+        ax.legend(handles, texts, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7,
+                  frameon=False)
+
+
+def _plot_thresholds(ax, best_iou: torch.Tensor, low: float, high: float) -> None:
+    """Each anchor's best IoU as a histogram, with the two thresholds and the three label zones."""
+    values = best_iou.detach().cpu().numpy()
+    ax.hist(values, bins=50, range=(0.0, 1.0), color="0.35", log=True)
+    ax.axvspan(0.0, low, color="tab:red", alpha=0.15, label=f"negative: IoU < {low:.2f}")
+    ax.axvspan(low, high, color="tab:orange", alpha=0.2, label="ignored")
+    ax.axvspan(high, 1.0, color="tab:green", alpha=0.2, label=f"positive: IoU \u2265 {high:.2f}")
+    for t in (low, high):
+        ax.axvline(t, color="black", linewidth=1.5)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("each anchor's best IoU with a gt box")
+    ax.set_ylabel("anchors")
+    ax.set_title("the thresholds cut the IoU axis")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, frameon=False)
 
 
 # --------------------------------------------------------------------------- 05: proposals
@@ -398,7 +465,9 @@ def proposal_explorer(
                       boxes=funnel["boxes"], scores=funnel["scores"], seconds=seconds, render_seconds=0.0)
         if render:
             start = time.perf_counter()
-            show_figure(output, plot_proposal_steps(image, funnel, gt_boxes, top=top, show_pre_nms=False))
+            fig = plot_proposal_steps(image, funnel, gt_boxes, top=top, show_pre_nms=False)
+            _legends_outside(fig)
+            show_figure(output, fig)
             result["render_seconds"] = time.perf_counter() - start
         chain = " &rarr; ".join(f"{n} {name}" for name, n in funnel["counts"].items())
         status.value = _status_html([
@@ -407,8 +476,20 @@ def proposal_explorer(
         ])
         return result
 
-    for control in controls.values():
-        control.observe(lambda _change: update(), names="value")
+    def on_pre(change) -> None:
+        # NMS only removes boxes: keeping more after it than went in means nothing. Lowering the
+        # post-NMS maximum clamps its value, which triggers its own update.
+        post = controls["post_nms_top_n"]
+        if post.value > change["new"]:
+            post.max = change["new"]
+        else:
+            post.max = change["new"]
+            update()
+
+    controls["post_nms_top_n"].max = controls["pre_nms_top_n"].value
+    controls["pre_nms_top_n"].observe(on_pre, names="value")
+    for name in ("post_nms_top_n", "nms_thresh", "min_size"):
+        controls[name].observe(lambda _change: update(), names="value")
     layout = W.HBox([W.VBox([controls["pre_nms_top_n"], controls["post_nms_top_n"]]),
                      W.VBox([controls["nms_thresh"], controls["min_size"]])])
     return _explorer(controls, layout, output, status, update, result)
