@@ -51,7 +51,7 @@ __all__ = [
     "preset_configs",
 ]
 
-PRESETS = ("synthetic", "defaults")
+PRESETS = ("synthetic", "gpu", "defaults")  # rpnlab.engine.presets.PRESETS
 
 # Sections of options: (name, config class, option prefix). Model sub-configs get a prefix, since
 # several of their fields share names (fg_iou_thresh, nms_thresh, ...).
@@ -68,6 +68,7 @@ _NESTED = ("anchors", "rpn", "roi")  # ModelConfig fields that are sections of t
 
 _CHOICES = {
     ("model", "backbone"): ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"),
+    ("model", "small_norm"): ("group", "batch"),
     ("anchors", "ratio_convention"): ("h/w", "w/h"),
     ("rpn", "objectness"): ("sigmoid", "softmax"),
     ("rpn", "loss_normalization"): ("sampled", "paper"),
@@ -83,6 +84,7 @@ _CHOICES = {
 _HELP = {
     ("model", "num_classes"): "foreground classes C (background excluded); 3 for the synthetic shapes, 20 for VOC",
     ("model", "backbone"): "feature extractor shared by the RPN and the RoI head",
+    ("model", "small_norm"): "normalisation after each conv of the 'small' backbone: 'group' or 'batch'",
     ("model", "pretrained"): "backbone weights: a file path, 'cache' (torchvision's file in the local torch hub "
                              "cache or data/weights; never downloaded) or 'none' (random init)",
     ("anchors", "sizes"): "anchor sizes (sqrt of area, px); one level: '16 32 64', several levels: '32,64 128,256' "
@@ -210,19 +212,14 @@ def _show(value: Any) -> str:
 
 
 def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    """The ``(model, data, train)`` configs of a preset.
+    """The ``(model, data, train)`` configs of a preset: ``rpnlab.engine.presets.preset_configs``.
 
-    ``"synthetic"``: the CPU configuration for the embedded shapes (``synthetic_model_config``,
-    ``synthetic_train_config``); ``"defaults"``: the dataclass defaults (the paper's values).
+    ``"synthetic"``: the CPU configuration for the embedded shapes; ``"gpu"``: the shapes at 512 px
+    for one CUDA GPU (bf16); ``"defaults"``: the dataclass defaults (the paper's values).
     """
-    if name == "synthetic":
-        from rpnlab.detector.model import synthetic_model_config
-        from rpnlab.engine.train import synthetic_train_config
+    from rpnlab.engine.presets import preset_configs as configs
 
-        return synthetic_model_config(), DataConfig(), synthetic_train_config()
-    if name == "defaults":
-        return ModelConfig(), DataConfig(), TrainConfig()
-    raise ValueError(f"preset={name!r} is invalid: expected one of {', '.join(map(repr, PRESETS))}")
+    return configs(name)
 
 
 def _section_defaults(model: ModelConfig, data: DataConfig, train: TrainConfig) -> dict[str, Any]:
@@ -354,8 +351,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` command's own options plus every config option."""
     p.add_argument("--preset", choices=PRESETS, default="synthetic",
-                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes) or "
-                        "'defaults' (the dataclass defaults, the paper's values)")
+                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes), 'gpu' "
+                        "(the shapes at 512 px for one CUDA GPU, bf16) or 'defaults' (the dataclass "
+                        "defaults, the paper's values)")
     p.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue the run saved in this checkpoint (its configs are the starting point)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

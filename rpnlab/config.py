@@ -228,6 +228,7 @@ class ModelConfig:
     num_classes: int = 3  # foreground classes, background excluded
     backbone: str = "small"  # "small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"
     pretrained: str | None = None  # path to a weights file, "cache" for torchvision's local cache, or None
+    small_norm: str = "group"  # normalisation after each conv of the "small" backbone: "group" or "batch"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
@@ -235,6 +236,7 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         _positive_int("num_classes", self.num_classes)
         _choice("backbone", self.backbone, ("small", "vgg16", "resnet50_c4", "mobilenet_v3", "mobilenet_v3_fpn"))
+        _choice("small_norm", self.small_norm, ("group", "batch"))
         self.anchors.validate()
         self.rpn.validate()
         self.roi.validate()
