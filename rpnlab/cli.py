@@ -77,6 +77,7 @@ _CHOICES = {
     ("roi", "implementation"): ("torchvision", "python"),
     ("data", "dataset"): ("synthetic", "voc", "coco"),
     ("train", "schedule"): ("joint", "alternating", "rpn"),
+    ("train", "alternating_init"): ("fresh", "step1"),
     ("train", "lr_schedule"): ("cosine", "step"),
     ("train", "amp"): ("off", "bf16", "fp16"),
 }
@@ -156,6 +157,8 @@ _HELP = {
     ("train", "out_dir"): "folder for the checkpoint (checkpoint.pt)",
     ("train", "checkpoint_every"): "write a checkpoint every this many epochs (and at the end)",
     ("train", "max_iters"): "stop after this many iterations in all ('none': run every epoch)",
+    ("train", "alternating_init"): "4-step schedule, step 2's backbone: 'fresh' (as built, the paper) or 'step1' "
+                                   "(a copy of step 1's trained backbone; the stand-in for ImageNet weights from scratch)",
     ("train", "time_budget_s"): "stop after this many seconds of training ('none': no limit)",
 }
 

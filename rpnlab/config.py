@@ -295,6 +295,9 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     max_iters: int | None = None  # stop after this many iterations (smoke runs), None = all epochs
     time_budget_s: float | None = None  # stop after this many seconds of training
+    # 4-step schedule, step 2's backbone: "fresh" (as built: random, or the pretrained weights, as the
+    # paper) or "step1" (a copy of step 1's trained backbone: from scratch, the stand-in for ImageNet)
+    alternating_init: str = "fresh"
 
     def validate(self) -> TrainConfig:
         _choice("schedule", self.schedule, ("joint", "alternating", "rpn"))
@@ -309,6 +312,7 @@ class TrainConfig:
         _positive_int("warmup_iters", self.warmup_iters, allow_zero=True)
         _choice("lr_schedule", self.lr_schedule, ("cosine", "step"))
         _choice("amp", self.amp, ("off", "bf16", "fp16"))
+        _choice("alternating_init", self.alternating_init, ("fresh", "step1"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or str(self.device).startswith("cuda:")):
             _fail("device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         _positive_int("num_workers", self.num_workers, allow_zero=True)
