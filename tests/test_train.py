@@ -243,7 +243,7 @@ def test_alternating_step2_can_start_from_step1s_backbone(tmp_path):
         trainer = Trainer(model_cfg, data_cfg, train_cfg, progress=False)
         seen = {}
 
-        def check(record):
+        def check(record, trainer=trainer, seen=seen):
             if record["stage"] == "step2_fast_rcnn" and not seen:
                 seen["close"] = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(
                     _params(trainer.model.backbone), _params(trainer.rpn_model.backbone)))
