@@ -81,7 +81,7 @@ print(f"device {dev}, checkpoints in {out_dir}")
 # ## The detector and the data
 #
 # `preset_configs("synthetic")` is the CPU-sized Faster R-CNN of the earlier notebooks: a small
-# backbone trained from scratch (with batch norm), anchors sized for 12-77-pixel objects, an RPN
+# backbone trained from scratch, anchors sized for 12-77-pixel objects, an RPN
 # and a Fast R-CNN head with RoI Align, on 128 x 128 images. `preset="gpu"` draws the same shapes
 # at 512 px and uses the paper's anchor scales where they fit, its proposal and RoI counts and
 # bf16 mixed precision (see `rpnlab.engine.presets`).

@@ -86,7 +86,8 @@ def gpu_model_config(num_classes: int = 3) -> ModelConfig:
 
     - the paper's anchor scales 128 and 256 (its 512 would be as large as the whole image; the
       objects start at 48 px, so 64 joins them) at its three ratios 0.5, 1, 2: 9 anchors per
-      location, as in the paper; stride 8 from the ``"small"`` backbone with batch norm;
+      location, as in the paper; stride 8 from the ``"small"`` backbone (GroupNorm, as the CPU
+      preset: batch norm learned slower there);
     - the paper's proposal counts (12000 -> 2000 for training, 6000 -> 300 at test), its 256
       sampled anchors per image and a 256-wide RPN conv;
     - 256 RoIs per image, a quarter of them foreground at most (the paper's fraction), RoI Align
@@ -95,7 +96,6 @@ def gpu_model_config(num_classes: int = 3) -> ModelConfig:
     return ModelConfig(
         num_classes=num_classes,
         backbone="small",
-        small_norm="batch",
         anchors=AnchorConfig(sizes=((64.0, 128.0, 256.0),), aspect_ratios=((0.5, 1.0, 2.0),), strides=(8,),
                              offset=0.5),
         rpn=RPNConfig(conv_channels=256),
