@@ -22,6 +22,11 @@ def test_every_preset_validates_and_builds(name):
         assert model.rpn.anchor_generator.num_anchors_per_location() == model_cfg.anchors.num_anchors_per_location
 
 
+@pytest.mark.parametrize("name", ["synthetic", "gpu"])
+def test_from_scratch_presets_start_step2_from_step1(name):
+    assert preset_configs(name)[2].alternating_init == "step1"
+
+
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="preset='laptop'"):
         preset_configs("laptop")
