@@ -2,7 +2,8 @@
 for the same wall-clock budget, then compare mAP on the synthetic validation split.
 
     python benchmarks/bench_detector.py                  # 10 minutes each, on the CPU
-    python benchmarks/bench_detector.py --minutes 2 --only rpnlab
+    python benchmarks/bench_detector.py --minutes 5 --only rpnlab            # the preset's 5-minute target
+    python benchmarks/bench_detector.py --minutes 15 --only rpnlab --curve 1,2,3,5,10   # its learning curve
     python benchmarks/bench_detector.py --device cuda --minutes 5 --json bench.json
 
 Both detectors start from random weights (no pretrained backbone), see the same training images
@@ -10,11 +11,19 @@ in the same augmentation (``build_dataset(DataConfig(), "train")``: horizontal f
 scored by the same code (``rpnlab.engine.evaluation``). Both follow the same learning-rate schedule: a
 linear warm-up over 50 iterations, then a cosine that runs on the wall clock and reaches 0 as the
 budget ends (see ``ClockCosine``), so no iteration count has to be guessed in advance.
+
+``--curve M1,M2,...`` also scores rpnlab's detector on the validation split when its training
+clock passes each of those minutes, and prints the learning curve (mAP@0.5 against training
+minutes, iterations and images). The clock stops while it evaluates, so the budget and the
+learning-rate schedule see training time only; an intermediate point is a model in the middle of
+its schedule (learning rate not yet decayed), so it is a lower bound on what a run *ending* at
+that minute reaches.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
@@ -34,6 +43,26 @@ WARMUP_ITERS = 50
 MAX_EPOCHS = 10_000  # the clock, not the epoch count, ends a benchmark run
 
 
+class TrainClock:
+    """Seconds of training since the first call of ``elapsed``, less the time spent in ``paused()``."""
+
+    def __init__(self):
+        self.start, self.paused_s = None, 0.0
+
+    def elapsed(self) -> float:
+        if self.start is None:
+            self.start = time.perf_counter()
+        return time.perf_counter() - self.start - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - begin
+
+
 class ClockCosine:
     """Learning-rate factor: linear warm-up over iterations, then a cosine over *wall-clock* time.
 
@@ -42,13 +71,12 @@ class ClockCosine:
     however many iterations fit. (``rpnlab.engine.train`` itself schedules by iteration, reproducibly.)
     """
 
-    def __init__(self, budget_s: float, warmup_iters: int = WARMUP_ITERS):
-        self.budget_s, self.warmup_iters, self.start = budget_s, warmup_iters, None
+    def __init__(self, budget_s: float, warmup_iters: int = WARMUP_ITERS, clock: TrainClock | None = None):
+        self.budget_s, self.warmup_iters = budget_s, warmup_iters
+        self.clock = clock or TrainClock()
 
     def __call__(self, step: int) -> float:
-        if self.start is None:
-            self.start = time.perf_counter()
-        progress = min(1.0, (time.perf_counter() - self.start) / self.budget_s)
+        progress = min(1.0, self.clock.elapsed() / self.budget_s)
         warmup = lr_factor(step, 1, self.warmup_iters, schedule="step")  # the warm-up alone
         return warmup * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -57,39 +85,79 @@ class ClockCosine:
 
 
 class _ClockTrainer(Trainer):
-    """``rpnlab.engine.train.Trainer`` with its LR schedule swapped for ``ClockCosine``."""
+    """``rpnlab.engine.train.Trainer`` with its LR schedule swapped for ``ClockCosine`` on ``clock``."""
 
-    def __init__(self, *args, budget_s: float, **kwargs):
+    def __init__(self, *args, budget_s: float, clock: TrainClock, **kwargs):
         super().__init__(*args, **kwargs)
-        self.budget_s = budget_s
+        self.budget_s, self.clock = budget_s, clock
 
     def _prepare_stage(self, index):
         stage, net, wrapped, optimizer, scheduler, scaler = super()._prepare_stage(index)
-        schedule = ClockCosine(self.budget_s)
+        schedule = ClockCosine(self.budget_s, clock=self.clock)
         scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base_lr * schedule(0)
         return stage, net, wrapped, optimizer, scheduler, scaler
 
 
-def bench_rpnlab(data_cfg: DataConfig, budget_s: float, device: str, out_dir: Path, progress: bool) -> dict:
+def bench_rpnlab(data_cfg: DataConfig, budget_s: float, device: str, out_dir: Path, progress: bool,
+                 curve_minutes: list[float] = (), seed: int = 0) -> dict:
+    """Train the synthetic preset for ``budget_s`` seconds of training, score it on the val split.
+
+    ``curve_minutes``: also score it whenever the training clock passes one of these minutes
+    (the clock stops meanwhile) -> ``"curve"``, one row per point, the final one included.
+    """
+    from rpnlab.engine.train import _train_mode
+
     model_cfg = synthetic_model_config()
     train_cfg = synthetic_train_config(device=device, out_dir=str(out_dir / "rpnlab"), epochs=MAX_EPOCHS,
-                                       time_budget_s=budget_s, warmup_iters=WARMUP_ITERS)
-    dataset = build_dataset(data_cfg, "train")
+                                       warmup_iters=WARMUP_ITERS, seed=seed, checkpoint_every=MAX_EPOCHS)
+    dataset, val = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "val")
+    clock = TrainClock()
+    pending = sorted(60.0 * m for m in curve_minutes if 0 < 60.0 * m < budget_s)
+    curve: list[dict] = []
+    state = {"iterations": 0}
+    trainer: _ClockTrainer
+
+    def point(model, seconds: float) -> dict:
+        metrics = evaluate(model, val, batch_size=16)
+        row = {"minutes": seconds / 60, "iterations": state["iterations"],
+               "images": state["iterations"] * train_cfg.batch_size, "map_50": metrics["map_50"],
+               "map": metrics["map"], "recall_70": metrics["recall_70"]}
+        if curve_minutes:
+            print(f"  curve: {row['minutes']:5.2f} min  {row['iterations']:6d} it  mAP@0.5 {row['map_50']:.3f}  "
+                  f"mAP {row['map']:.3f}", flush=True)
+        return row
+
+    def callback(record: dict):
+        state["iterations"] += 1
+        elapsed = clock.elapsed()
+        if elapsed >= budget_s:
+            return False
+        if pending and elapsed >= pending[0]:
+            pending.pop(0)
+            with clock.paused():
+                curve.append(point(trainer.model, elapsed))
+                _train_mode(trainer.model)  # evaluate() left it in eval mode
+        return True
+
     trainer = _ClockTrainer(model_cfg, data_cfg, train_cfg, progress=progress, train_dataset=dataset,
-                            budget_s=budget_s)
+                            budget_s=budget_s, clock=clock, callback=callback)
+    clock.elapsed()  # start the clock
     result = trainer.run()
-    metrics = evaluate(result.model, build_dataset(data_cfg, "val"), batch_size=16)
+    train_s = clock.elapsed()
+    final = point(result.model, train_s)
+    curve.append(final)
     return {
         "name": "rpnlab (synthetic preset)",
-        "map_50": metrics["map_50"],
-        "map": metrics["map"],
+        "map_50": final["map_50"],
+        "map": final["map"],
         "iterations": result.iterations,
-        "images_per_s": result.images_per_second,
-        "train_s": result.seconds,
-        "stop_reason": result.stop_reason,
+        "images_per_s": result.images / train_s,
+        "train_s": train_s,
+        "stop_reason": "time_budget" if result.stop_reason == "callback" else result.stop_reason,
         "parameters": sum(p.numel() for p in result.model.parameters()),
+        "curve": curve,
     }
 
 
@@ -135,6 +203,7 @@ def bench_torchvision(data_cfg: DataConfig, budget_s: float, device: torch.devic
 
     model, optimizer = make()
     schedule = ClockCosine(budget_s)
+    schedule.clock.elapsed()  # start the clock
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -195,6 +264,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(rows: list[dict]) -> str:
+    """The learning curve: one row per evaluation during a run."""
+    lines = ["| training min | iterations | images | mAP@0.5 | mAP@[.5:.95] | recall@0.7 |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['minutes']:.2f} | {r['iterations']} | {r['images']} | {100 * r['map_50']:.1f} | "
+                     f"{100 * r['map']:.1f} | {100 * r['recall_70']:.1f} |")
+    return "\n".join(lines)
+
+
+def _minutes_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--curve {text!r}: expected minutes separated by commas, e.g. 1,2,5")
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"--curve {text!r}: expected positive minutes, e.g. 1,2,5")
+    return values
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -206,6 +295,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--tv-batch-size", type=int, default=8, help="torchvision model's batch size")
     parser.add_argument("--tv-lr", type=float, default=0.02, help="torchvision model's base learning rate")
+    parser.add_argument("--curve", type=_minutes_list, default=[], metavar="M1,M2,...",
+                        help="rpnlab only: also evaluate when training passes these minutes, print the learning curve")
+    parser.add_argument("--seed", type=int, default=0, help="rpnlab's training seed")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -220,8 +312,12 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="rpnlab-bench-") as tmp:
         if args.only in (None, "rpnlab"):
-            rows.append(bench_rpnlab(data_cfg, budget_s, str(device), Path(tmp), not args.no_progress))
+            rows.append(bench_rpnlab(data_cfg, budget_s, str(device), Path(tmp), not args.no_progress,
+                                     curve_minutes=args.curve, seed=args.seed))
             print(table(rows[-1:]), flush=True)
+            if args.curve:
+                print("\nlearning curve of rpnlab's preset (one run; the clock stops while it evaluates):")
+                print(curve_table(rows[-1]["curve"]), flush=True)
         if args.only in (None, "torchvision"):
             rows.append(bench_torchvision(data_cfg, budget_s, device, args.tv_batch_size, args.tv_lr,
                                           not args.no_progress))

@@ -56,7 +56,7 @@ __all__ = [
     "preset_configs",
 ]
 
-PRESETS = ("synthetic", "defaults", "photos")
+PRESETS = ("synthetic", "gpu", "defaults", "photos")  # rpnlab.engine.presets.PRESETS
 
 # Sections of options: (name, config class, option prefix). Model sub-configs get a prefix, since
 # several of their fields share names (fg_iou_thresh, nms_thresh, ...).
@@ -74,6 +74,7 @@ _NESTED = ("anchors", "rpn", "roi")  # ModelConfig fields that are sections of t
 
 _CHOICES = {
     ("model", "backbone"): BACKBONE_NAMES,
+    ("model", "small_norm"): ("group", "batch"),
     ("anchors", "ratio_convention"): ("h/w", "w/h"),
     ("rpn", "objectness"): ("sigmoid", "softmax"),
     ("rpn", "loss_normalization"): ("sampled", "paper"),
@@ -82,6 +83,7 @@ _CHOICES = {
     ("roi", "implementation"): ("torchvision", "python"),
     ("data", "dataset"): ("synthetic", "voc", "coco"),
     ("train", "schedule"): ("joint", "alternating", "rpn"),
+    ("train", "alternating_init"): ("fresh", "step1"),
     ("train", "lr_schedule"): ("cosine", "step"),
     ("train", "amp"): ("off", "bf16", "fp16"),
 }
@@ -97,6 +99,7 @@ _HELP = {
                        "weights API, a new box predictor for your classes; sets --backbone and, unless given, "
                        "the anchors, RPN/RoI settings and --min-size/--max-size to that model's) or the path "
                        "of such a torchvision state dict; 'none': no init",
+    ("model", "small_norm"): "normalisation after each conv of the 'small' backbone: 'group' or 'batch'",
     ("anchors", "sizes"): "anchor sizes (sqrt of area, px); one level: '16 32 64', several levels: '32,64 128,256' "
                           "or JSON '[[32, 64], [128, 256]]'",
     ("anchors", "aspect_ratios"): "anchor aspect ratios; same forms as --anchor-sizes (a single level is used for "
@@ -171,6 +174,8 @@ _HELP = {
     ("train", "out_dir"): "folder for the checkpoint (checkpoint.pt)",
     ("train", "checkpoint_every"): "write a checkpoint every this many epochs (and at the end)",
     ("train", "max_iters"): "stop after this many iterations in all ('none': run every epoch)",
+    ("train", "alternating_init"): "4-step schedule, step 2's backbone: 'fresh' (as built, the paper) or 'step1' "
+                                   "(a copy of step 1's trained backbone; the stand-in for ImageNet weights from scratch)",
     ("train", "time_budget_s"): "stop after this many seconds of training ('none': no limit)",
 }
 
@@ -227,46 +232,15 @@ def _show(value: Any) -> str:
 
 
 def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    """The ``(model, data, train)`` configs of a preset.
+    """The ``(model, data, train)`` configs of a preset: ``rpnlab.engine.presets.preset_configs``.
 
-    ``"synthetic"``: the CPU configuration for the embedded shapes (``synthetic_model_config``,
-    ``synthetic_train_config``); ``"defaults"``: the dataclass defaults (the paper's values);
-    ``"photos"``: a few hundred photos from scratch, no weights at all (``photos_configs``).
+    ``"synthetic"``: the CPU configuration for the embedded shapes; ``"gpu"``: the shapes at 512 px
+    for one CUDA GPU (bf16); ``"defaults"``: the dataclass defaults (the paper's values);
+    ``"photos"``: a few hundred photos from scratch, no weights at all.
     """
-    if name == "synthetic":
-        from rpnlab.detector.model import synthetic_model_config
-        from rpnlab.engine.train import synthetic_train_config
+    from rpnlab.engine.presets import preset_configs as configs
 
-        return synthetic_model_config(), DataConfig(), synthetic_train_config()
-    if name == "defaults":
-        return ModelConfig(), DataConfig(), TrainConfig()
-    if name == "photos":
-        return photos_configs()
-    raise ValueError(f"preset={name!r} is invalid: expected one of {', '.join(map(repr, PRESETS))}")
-
-
-def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    """From scratch on a few hundred photos, when no pretrained weights are available.
-
-    The small backbone (GroupNorm: batches of 4 train like larger ones; inputs normalised with
-    the ImageNet mean and std inside the model, as always) at 320/512 px, stride 8; anchors of
-    32-256 px for objects that fill a good part of a photo; horizontal flips and a colour jitter
-    of +-30% (brightness, contrast, saturation: the lighting of a few hundred photos is not to be
-    learnt as a feature of the objects); a long cosine
-    schedule (60 epochs of ~200 images: about 3000 iterations) that ``--time-budget-s`` shortens
-    to fit. Expect much less than from ``--init torchvision:<name>``: 200 photos are few to learn
-    features from.
-    """
-    from rpnlab.detector.model import synthetic_model_config
-
-    model = synthetic_model_config()
-    model.anchors = AnchorConfig(sizes=((32.0, 64.0, 128.0, 256.0),), aspect_ratios=((0.5, 1.0, 2.0),),
-                                 strides=(8,), offset=0.5)
-    model.rpn.pre_nms_top_n_train, model.rpn.post_nms_top_n_train = 2000, 500
-    model.rpn.pre_nms_top_n_test, model.rpn.post_nms_top_n_test = 1000, 300
-    data = DataConfig(min_size=320, max_size=512, hflip_prob=0.5, color_jitter=0.3)
-    train = TrainConfig(epochs=60, batch_size=4, lr=0.02, warmup_iters=100, lr_schedule="cosine")
-    return model.validate(), data.validate(), train.validate()
+    return configs(name)
 
 
 def _section_defaults(model: ModelConfig, data: DataConfig, train: TrainConfig) -> dict[str, Any]:
@@ -453,9 +427,10 @@ def _add_train(sub) -> argparse.ArgumentParser:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` command's own options plus every config option."""
     p.add_argument("--preset", choices=PRESETS, default="synthetic",
-                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes), "
-                        "'defaults' (the dataclass defaults, the paper's values) or 'photos' (your photos from "
-                        "scratch, no weights: small backbone at 320/512 px)")
+                   help="starting configuration: 'synthetic' (CPU-sized, for the embedded shapes), 'gpu' "
+                        "(the shapes at 512 px for one CUDA GPU, bf16), 'defaults' (the dataclass defaults, "
+                        "the paper's values) or 'photos' (your photos from scratch, no weights: small backbone "
+                        "at 320/512 px)")
     p.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue the run saved in this checkpoint (its configs are the starting point)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -263,6 +263,7 @@ class ModelConfig:
     # Whole-detector weights: "torchvision:<name>" (COCO weights through the weights API, a new box
     # predictor for num_classes) or the path of such a torchvision state dict; None: no init.
     init: str | None = None
+    small_norm: str = "group"  # normalisation after each conv of the "small" backbone: "group" or "batch"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
@@ -279,6 +280,7 @@ class ModelConfig:
                 _fail("init", self.init, f"'torchvision:{self.backbone}', the backbone's own weights")
         if self.backbone in TORCHVISION_DETECTORS and self.pretrained is not None:
             _fail("pretrained", self.pretrained, "None for a torchvision detector (use init)")
+        _choice("small_norm", self.small_norm, ("group", "batch"))
         self.anchors.validate()
         self.rpn.validate()
         self.roi.validate()
@@ -349,6 +351,9 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     max_iters: int | None = None  # stop after this many iterations (smoke runs), None = all epochs
     time_budget_s: float | None = None  # stop after this many seconds of training
+    # 4-step schedule, step 2's backbone: "fresh" (as built: random, or the pretrained weights, as the
+    # paper) or "step1" (a copy of step 1's trained backbone: from scratch, the stand-in for ImageNet)
+    alternating_init: str = "fresh"
 
     def validate(self) -> TrainConfig:
         _all_finite(self)
@@ -368,6 +373,7 @@ class TrainConfig:
         if list(self.lr_steps) != sorted(set(self.lr_steps)):
             _fail("lr_steps", self.lr_steps, "increasing epochs, each once")
         _choice("amp", self.amp, ("off", "bf16", "fp16"))
+        _choice("alternating_init", self.alternating_init, ("fresh", "step1"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or str(self.device).startswith("cuda:")):
             _fail("device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         _positive_int("num_workers", self.num_workers, allow_zero=True)

@@ -234,6 +234,25 @@ def test_alternating_schedule_freezes_the_shared_convs(tmp_path):
     assert all(p.requires_grad for p in final.parameters())  # handed back unfrozen
 
 
+def test_alternating_step2_can_start_from_step1s_backbone(tmp_path):
+    # With a vanishing learning rate one step of step 2 hardly moves the weights, so its backbone
+    # is still (close to) what it started from: step 1's with "step1", a fresh one with "fresh".
+    for init in ("fresh", "step1"):
+        model_cfg, data_cfg, train_cfg = tiny_configs(tmp_path / init, epochs=4, schedule="alternating",
+                                                      alternating_init=init, lr=1e-9)
+        trainer = Trainer(model_cfg, data_cfg, train_cfg, progress=False)
+        seen = {}
+
+        def check(record, trainer=trainer, seen=seen):
+            if record["stage"] == "step2_fast_rcnn" and not seen:
+                seen["close"] = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(
+                    _params(trainer.model.backbone), _params(trainer.rpn_model.backbone)))
+
+        trainer.callback = check
+        trainer.run()
+        assert seen["close"] == (init == "step1"), init
+
+
 def test_rpn_schedule_trains_only_the_rpn(tmp_path):
     model_cfg, data_cfg, train_cfg = tiny_configs(tmp_path, epochs=1, schedule="rpn")
     torch.manual_seed(0)

@@ -336,8 +336,12 @@ def _load_pretrained(backbone: Backbone, name: str, path: Path) -> None:
     backbone.load_state_dict(state, strict=False)
 
 
-def build_backbone(name: str, pretrained: str | os.PathLike | None = None) -> tuple[Backbone, int, tuple[int, ...]]:
+def build_backbone(name: str, pretrained: str | os.PathLike | None = None,
+                   small_norm: str = "group") -> tuple[Backbone, int, tuple[int, ...]]:
     """Build backbone ``name`` -> ``(module, out_channels, strides)``.
+
+    ``small_norm``: ``"group"`` or ``"batch"``, the normalisation of the ``"small"`` backbone
+    (ignored by the others, which use batch norm, frozen when pretrained).
 
     ``pretrained``: ``None`` (random init), a weights file path, ``"cache"`` (torchvision's file
     in the local torch hub cache or ``data/weights``; never downloaded) or ``"imagenet"``
@@ -355,7 +359,7 @@ def build_backbone(name: str, pretrained: str | os.PathLike | None = None) -> tu
     # Frozen batch norm with ImageNet statistics when fine-tuning; ordinary BN from scratch.
     norm = FrozenBatchNorm2d if pretrained is not None else nn.BatchNorm2d
     if name == "small":
-        backbone: Backbone = SmallBackbone()
+        backbone: Backbone = SmallBackbone(norm=small_norm)
     elif name == "vgg16":
         backbone = _VGG16()
     elif name == "resnet50_c4":

@@ -1,0 +1,69 @@
+"""Named starting configurations: ``(ModelConfig, DataConfig, TrainConfig)`` for a kind of machine.
+
+- ``"synthetic"``: the CPU preset for the embedded 128 px shapes (``synthetic_model_config``,
+  ``synthetic_train_config``): what ``rpnlab train`` and notebook 08 use by default.
+- ``"gpu"``: the same shapes drawn at 512 px for one CUDA GPU (``gpu_model_config``,
+  ``gpu_train_config``): the paper's anchor scales where they fit, its proposal and RoI counts,
+  more epochs, bf16 mixed precision. Selected by ``rpnlab train --preset gpu`` and by the
+  ``preset`` parameter of notebooks 08 and 09. It builds and validates anywhere; training it
+  needs CUDA (``amp="bf16"``), and an option such as ``--amp off --device cpu`` overrides that.
+- ``"defaults"``: the dataclass defaults, the paper's values (VGG-16-sized, for VOC or COCO).
+- ``"photos"``: a few hundred of your photos from scratch, when no pretrained weights are available
+  (``photos_configs``).
+"""
+
+from __future__ import annotations
+
+from rpnlab.config import AnchorConfig, DataConfig, ModelConfig, TrainConfig
+
+__all__ = ["PRESETS", "gpu_data_config", "photos_configs", "preset_configs"]
+
+PRESETS = ("synthetic", "gpu", "defaults", "photos")
+
+
+def gpu_data_config(**overrides) -> DataConfig:
+    """The synthetic shapes at 512 px, not resized (objects 48-307 px: ``[0.094, 0.6] x 512``)."""
+    cfg = DataConfig(image_size=512, min_size=512, max_size=1024)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg.validate()
+
+
+def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """The ``(model, data, train)`` configs of preset ``name`` (one of ``PRESETS``), validated."""
+    from rpnlab.detector.model import gpu_model_config, synthetic_model_config
+    from rpnlab.engine.train import gpu_train_config, synthetic_train_config
+
+    if name == "synthetic":
+        return synthetic_model_config(), DataConfig().validate(), synthetic_train_config()
+    if name == "gpu":
+        return gpu_model_config(), gpu_data_config(), gpu_train_config()
+    if name == "defaults":
+        return ModelConfig().validate(), DataConfig().validate(), TrainConfig().validate()
+    if name == "photos":
+        return photos_configs()
+    raise ValueError(f"preset={name!r} is invalid: expected one of {', '.join(map(repr, PRESETS))}")
+
+
+def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """From scratch on a few hundred photos, when no pretrained weights are available.
+
+    The small backbone (GroupNorm: batches of 4 train like larger ones; inputs normalised with
+    the ImageNet mean and std inside the model, as always) at 320/512 px, stride 8; anchors of
+    32-256 px for objects that fill a good part of a photo; horizontal flips and a colour jitter
+    of +-30% (brightness, contrast, saturation: the lighting of a few hundred photos is not to be
+    learnt as a feature of the objects); a long cosine
+    schedule (60 epochs of ~200 images: about 3000 iterations) that ``--time-budget-s`` shortens
+    to fit. Expect much less than from ``--init torchvision:<name>``: 200 photos are few to learn
+    features from.
+    """
+    from rpnlab.detector.model import synthetic_model_config
+
+    model = synthetic_model_config()
+    model.anchors = AnchorConfig(sizes=((32.0, 64.0, 128.0, 256.0),), aspect_ratios=((0.5, 1.0, 2.0),),
+                                 strides=(8,), offset=0.5)
+    model.rpn.pre_nms_top_n_train, model.rpn.post_nms_top_n_train = 2000, 500
+    model.rpn.pre_nms_top_n_test, model.rpn.post_nms_top_n_test = 1000, 300
+    data = DataConfig(min_size=320, max_size=512, hflip_prob=0.5, color_jitter=0.3)
+    train = TrainConfig(epochs=60, batch_size=4, lr=0.02, warmup_iters=100, lr_schedule="cosine")
+    return model.validate(), data.validate(), train.validate()
