@@ -52,8 +52,16 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_detector.py
 
+# Root containers (workshops) need --allow-root; the project's Lab settings live in .jupyter/.
+LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
+
+## JupyterLab on notebooks/ (no browser opened: follow the printed link), news pop-up off
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	$(VENV)/bin/jupyter lab --no-browser $(LAB_ROOT_FLAG) --ip=$(LAB_IP) --port=$(LAB_PORT) \
+		--ServerApp.root_dir="$(CURDIR)/notebooks"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

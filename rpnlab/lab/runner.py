@@ -269,11 +269,26 @@ def execute_one(
         row.update(status="failed", error_name=type(exc).__name__,
                    error=f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
     row["seconds"] = round(time.perf_counter() - start, 3)
+    _trust(output_path)
     if record_path is not None and Path(record_path).is_file():
         row["record"] = read_record(record_path)
     if figures_dir is not None:
         row["figures"] = [str(p) for p in _save_figures(output_path, Path(figures_dir), notebook.stem)]
     return row
+
+
+def _trust(executed_nb: Path) -> None:
+    """Sign the executed notebook as trusted (what ``jupyter trust`` does), so JupyterLab renders
+    its stored widgets when it is reopened instead of their text fallback ("VBox(children=...")."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    if not executed_nb.is_file():
+        return
+    try:
+        NotebookNotary().sign(nbformat.read(executed_nb, as_version=4))
+    except Exception as exc:  # noqa: BLE001  no writable signature store: the run itself still counts
+        warnings.warn(f"could not mark {executed_nb.name} as trusted: {exc}", stacklevel=2)
 
 
 def _describe_failure(row: Mapping[str, Any]) -> str:
