@@ -4,7 +4,8 @@
 
     rpnlab train --epochs 12 --out-dir runs/shapes          # the synthetic preset on the CPU
     rpnlab evaluate --checkpoint runs/shapes/checkpoint.pt --split val --json metrics.json
-    rpnlab predict img1.png img2.png --checkpoint runs/shapes/checkpoint.pt --out predictions/
+    rpnlab export-samples --out runs/samples                  # a few dataset images as PNG files
+    rpnlab predict runs/samples/test_000.png --checkpoint runs/shapes/checkpoint.pt --out runs/predictions
     rpnlab run --smoke --out runs/smoke -p device cpu
     rpnlab sweep 03 -p anchor_stride 8 16 --parallel 2
 
@@ -398,6 +399,16 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw and list detections scoring at least this")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
+    p = sub.add_parser("export-samples", help="write a few dataset images as PNG files (to try 'predict' on)",
+                       formatter_class=_Formatter,
+                       description="Write images of the embedded synthetic dataset as PNG files, with their "
+                                   "ground truth in annotations.json.")
+    p.add_argument("--out", default="runs/samples", metavar="DIR", help="folder for the PNGs and annotations.json")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
+    p.add_argument("--count", type=int, default=4, help="how many images")
+    p.add_argument("--first", type=int, default=0, help="index of the first image")
+    p.add_argument("--seed", type=int, default=0, help="the dataset seed (the one training used)")
+
     p = sub.add_parser("run", help="execute the notebook collection headlessly (papermill)",
                        formatter_class=_Formatter)
     p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
@@ -599,12 +610,27 @@ def _draw(image, detections: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def cmd_export_samples(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rpnlab.data.samples import export_samples
+
+    try:
+        paths = export_samples(args.out, split=args.split, count=args.count, seed=args.seed, first=args.first)
+    except ValueError as err:
+        parser.error(str(err))
+    for path in paths:
+        print(path)
+    print(f"ground truth: {Path(args.out) / 'annotations.json'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.lab import runner
 
     parameters = {name: parse_value(value) for name, value in args.parameter}
     result = runner.run_collection(notebooks=args.notebooks or None, parameters=parameters or None,
                                    out_dir=args.out, smoke=args.smoke, progress=not args.no_progress)
+    failed = f", {len(result.failed)} failed" if result.failed else ""
+    print(f"{len(result.rows)} notebook(s) run{failed}; summary: {result.summary_md}")
     return 0 if result.ok else 1
 
 
@@ -625,10 +651,13 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     result = runner.sweep(args.notebook, grid, out_dir=args.out, parallel=args.parallel,
                           base_parameters=base or None, smoke=args.smoke, progress=not args.no_progress)
     print(f"table: {result.table_path}")
+    if result.plot_path is not None:
+        print(f"plot: {result.plot_path}")
     return 0 if result.ok else 1
 
 
-_COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "run": cmd_run, "sweep": cmd_sweep}
+_COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+             "export-samples": cmd_export_samples, "run": cmd_run, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

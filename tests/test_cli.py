@@ -234,6 +234,10 @@ def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
     class Result:
         ok = True
         table_path = "sweep.csv"
+        plot_path = None
+        rows: list = []
+        failed: list = []
+        summary_md = "runs/x/summary.md"
 
     monkeypatch.setattr(runner, "run_collection", lambda **kw: calls.setdefault("run", kw) and Result())
     monkeypatch.setattr(runner, "sweep", lambda notebook, grid, **kw: calls.setdefault("sweep", (notebook, grid, kw))
