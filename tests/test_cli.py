@@ -235,8 +235,8 @@ def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
         ok = True
         table_path = "sweep.csv"
         plot_path = None
-        rows: list = []
-        failed: list = []
+        rows = ()
+        failed = ()
         summary_md = "runs/x/summary.md"
 
     monkeypatch.setattr(runner, "run_collection", lambda **kw: calls.setdefault("run", kw) and Result())
