@@ -36,8 +36,8 @@ iterations: int = 250  # SGD steps of the RPN trained here when rpn_checkpoint i
 num_images: int = 600  # training images of that RPN
 num_val_images: int = 150  # validation images the recall is measured on
 image_index: int = 0  # the validation image the step-by-step figures show
-pre_nms_top_n: int = 600  # best boxes kept before NMS (test time; torchvision 1000, the paper 6000)
-post_nms_top_n: int = 100  # proposals kept after NMS (test time; the paper 300)
+pre_nms_top_n: int = 600  # best boxes kept before NMS (test time; torchvision 1000, py-faster-rcnn 6000)
+post_nms_top_n: int = 100  # proposals kept after NMS (test time; the paper and py-faster-rcnn 300)
 nms_thresh: float = 0.7  # NMS suppresses a box whose IoU with a better kept box is above this
 min_size: float = 0.0  # boxes narrower or lower than this (pixels, after clipping) are dropped
 
@@ -196,6 +196,26 @@ for ax, key, iou in zip(axes[0], ("recall_50", "recall_70"), (0.5, 0.7)):
                            x_label="proposals per image (log scale)", title=f"recall at IoU {iou}")
     ax.set_xscale("log")
 fig
+
+# %% [markdown]
+# ## Training and test counts differ
+#
+# The proposal layer keeps more boxes while training than at test time. In training the Fast
+# R-CNN head samples its RoIs from the proposals (notebook 07), so it needs many and varied ones;
+# at test time every proposal costs a head evaluation, and recall (above) flattens after a few
+# hundred. The paper gives 2000 proposals for training and 300 for testing; the counts before NMS
+# (12000 in training, 6000 at test) are py-faster-rcnn's, not the paper's. `RPNConfig` has both
+# pairs (`pre_nms_top_n_train` / `post_nms_top_n_train` and `..._test`); the model switches with
+# `model.train()` / `model.eval()`. The defaults of `RPNConfig` (py-faster-rcnn's) and the course's
+# model preset, scaled down to a few thousand anchors per image:
+
+# %%
+from rpnlab.config import RPNConfig
+from rpnlab.detector.model import synthetic_model_config
+
+for name, rpn_cfg in (("RPNConfig defaults", RPNConfig()), ("course model preset", synthetic_model_config().rpn)):
+    print(f"{name:>20}: train {rpn_cfg.pre_nms_top_n_train} -> NMS -> {rpn_cfg.post_nms_top_n_train}; "
+          f"test {rpn_cfg.pre_nms_top_n_test} -> NMS -> {rpn_cfg.post_nms_top_n_test}")
 
 # %% [markdown]
 # Things to look for. A strict threshold (0.5) can run out of boxes: fewer than 300 survive, and
