@@ -10,7 +10,7 @@ RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test smoke lint fmt check bench clean lab
+.PHONY: setup run test smoke lint fmt check bench clean lab prepare
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 ## The whole notebook collection on the embedded data, full size, into runs/<timestamp>/
 run: $(STAMP)
 	$(VENV)/bin/rpnlab run $(if $(RUN_OUT),--out $(RUN_OUT))
+
+## Ahead of a workshop: train the course RPN that notebooks 05 and 07 load (cached in data/cache/course/)
+prepare: $(STAMP)
+	$(PY) -m rpnlab.lab.stage_training
 
 ## Every test: unit, reference (vs torchvision), notebooks (smoke size)
 test: $(STAMP)

@@ -31,7 +31,7 @@ device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "
 seed: int = 0  # seeds the data order, the weights and the anchor sampler
 smoke: bool = False  # tiny sizes for CI: a few training iterations on a handful of images
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/05_proposals.json
-rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: train one here
+rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: the course RPN (cached; trained here the first time)
 iterations: int = 250  # SGD steps of the RPN trained here when rpn_checkpoint is empty
 num_images: int = 600  # training images of that RPN
 num_val_images: int = 150  # validation images the recall is measured on
@@ -60,7 +60,7 @@ from rpnlab.lab.proposals import (
     rpn_outputs,
 )
 from rpnlab.lab.reference import torchvision_rpn
-from rpnlab.lab.stage_training import train_rpn
+from rpnlab.lab.stage_training import course_rpn
 from rpnlab.lab.timing import time_call
 
 record_file = records.begin("05_proposals", record_path)
@@ -73,18 +73,20 @@ val_set = SyntheticShapes("val", num_images=num_val_images, seed=seed)
 # %% [markdown]
 # ## A trained RPN
 #
-# Proposals are only interesting from a trained RPN. Without a checkpoint this trains one
-# briefly, as notebook 04 does. Then the backbone and the head run once over the validation
-# images; everything below works from these dense predictions.
+# Proposals are only interesting from a trained RPN. Without a checkpoint this takes the course
+# RPN (`course_rpn`): trained briefly, as notebook 04 does, the first time any notebook asks for
+# it, then cached and shared with notebook 07 (`make prepare` trains it before a workshop). The
+# cell says which happened and how long it took. Then the backbone and the head run once over
+# the validation images; everything below works from these dense predictions.
 
 # %%
 if rpn_checkpoint:
     model = load_model(rpn_checkpoint, map_location=dev)
     print(f"RPN loaded from {rpn_checkpoint}")
 else:
-    run = train_rpn(iterations, num_images, seed=seed, device=device, out_dir=str(record_file.parent / "05_rpn_checkpoint"))
-    model = run.model
-    print(f"RPN trained here: {run.iterations} iterations in {run.seconds:.0f} s")
+    course = course_rpn(iterations, num_images, seed=seed, device=device)  # trains only when the cache lacks it
+    model = course.model
+    print(course.describe())
 outputs = rpn_outputs(model, val_set)
 anchors, box_coder = outputs["anchors"], model.rpn.box_coder
 print(f"{len(val_set)} validation images x {anchors.shape[0]} anchors: objectness {tuple(outputs['objectness'].shape)}, "

@@ -26,3 +26,19 @@ def test_empty_parameters_take_the_course_values_and_others_are_departures():
     assert departures(setup, {"anchor_sizes": list(setup.anchor_sizes)}) == []
     with pytest.raises(ValueError, match="stride"):
         resolve(setup, stride=8)
+
+
+def test_course_rpn_is_trained_once_then_loaded(tmp_path):
+    import torch
+
+    from rpnlab.lab.stage_training import course_rpn
+
+    first = course_rpn(2, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path)
+    assert first.trained_here and first.checkpoint.is_file()
+    again = course_rpn(2, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path)
+    assert not again.trained_here and again.checkpoint == first.checkpoint
+    assert "loaded from the course cache" in again.describe()
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        torch.testing.assert_close(a.cpu(), b.cpu(), msg=name)
+    other = course_rpn(3, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path)  # other settings
+    assert other.trained_here and other.checkpoint != first.checkpoint
