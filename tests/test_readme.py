@@ -170,6 +170,7 @@ def test_run_ends_naming_the_summary(tmp_path):
     done = subprocess.run([sys.executable, "-m", "rpnlab", "run", "00", "--smoke", "--no-progress", "--out", str(out)],
                           check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_env())
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "without encryption" not in done.stderr, done.stderr[-2000:]  # IPC, not TCP, on POSIX
     last = done.stdout.strip().splitlines()[-1]
     assert str(out / "summary.md") in last, last
     summary = (out / "summary.md").read_text(encoding="utf-8")

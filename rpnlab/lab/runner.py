@@ -250,7 +250,9 @@ def execute_one(
         "error_name": "",
         "error": "",
     }
-    engine_kwargs = {"execution_timeout": cell_timeout} if cell_timeout else {}
+    engine_kwargs: dict[str, Any] = {"execution_timeout": cell_timeout} if cell_timeout else {}
+    if os.name == "posix":  # local sockets: no "Kernel is running over TCP without encryption"
+        engine_kwargs["kernel_manager_class"] = _ipc_kernel_manager()
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -275,6 +277,20 @@ def execute_one(
     if figures_dir is not None:
         row["figures"] = [str(p) for p in _save_figures(output_path, Path(figures_dir), notebook.stem)]
     return row
+
+
+def _ipc_kernel_manager():
+    """A kernel manager that talks to the kernel over IPC (Unix sockets in the runtime folder)
+    instead of TCP on loopback: the kernel then has no reason to warn about unencrypted TCP."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self):
+            return "ipc"
+
+    return IPCKernelManager
 
 
 def _trust(executed_nb: Path) -> None:
