@@ -281,14 +281,25 @@ def execute_one(
 
 def _ipc_kernel_manager():
     """A kernel manager that talks to the kernel over IPC (Unix sockets in the runtime folder)
-    instead of TCP on loopback: the kernel then has no reason to warn about unencrypted TCP."""
+    instead of TCP on loopback: the kernel then has no reason to warn about unencrypted TCP.
+    Each kernel gets its own socket prefix, so kernels started at once (a parallel sweep) never
+    pick the same socket files."""
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
     from traitlets import default
 
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _default_transport(self):
             return "ipc"
+
+        @default("ip")
+        def _default_ip(self):
+            folder = Path(jupyter_runtime_dir())
+            folder.mkdir(parents=True, exist_ok=True)
+            return str(folder / f"rpnlab-{uuid.uuid4().hex[:12]}")
 
     return IPCKernelManager
 
