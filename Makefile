@@ -10,7 +10,7 @@ RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test smoke lint fmt check bench bench-detector gpu-check wheelhouse clean lab results
+.PHONY: setup run test smoke lint fmt check bench bench-detector gpu-check wheelhouse clean lab results prepare
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 ## The whole notebook collection on the embedded data, full size, into runs/<timestamp>/
 run: $(STAMP)
 	$(VENV)/bin/rpnlab run $(if $(RUN_OUT),--out $(RUN_OUT))
+
+## Ahead of a workshop: train the course RPN that notebooks 05 and 07 load (cached in data/cache/course/)
+prepare: $(STAMP)
+	$(PY) -m rpnlab.lab.stage_training
 
 ## Every test: unit, reference (vs torchvision), notebooks (smoke size)
 test: $(STAMP)
@@ -61,8 +65,16 @@ bench-detector: $(STAMP)
 results: $(STAMP)
 	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) benchmarks/results.py $(RESULTS_ARGS)
 
+# Root containers (workshops) need --allow-root; the project's Lab settings live in .jupyter/.
+LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
+
+## JupyterLab on notebooks/ (no browser opened: follow the printed link), news pop-up off
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	$(VENV)/bin/jupyter lab --no-browser $(LAB_ROOT_FLAG) --ip=$(LAB_IP) --port=$(LAB_PORT) \
+		--ServerApp.root_dir="$(CURDIR)/notebooks"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

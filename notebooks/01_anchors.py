@@ -30,9 +30,9 @@ device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "
 seed: int = 0  # seeds the dataset, k-means and every random generator
 smoke: bool = False  # tiny sizes for CI: a handful of images instead of the full split
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/01_anchors.json
-anchor_sizes: list = [16, 32, 64, 128]  # anchor sizes in pixels, the square root of the anchor area
-anchor_ratios: list = [0.5, 1.0, 2.0]  # anchor aspect ratios as height / width
-anchor_stride: int = 16  # feature stride in pixels: one anchor location every this many pixels
+anchor_sizes: list = []  # anchor sizes in pixels (square root of the area); empty: the course setup's
+anchor_ratios: list = []  # anchor aspect ratios as height / width; empty: the course setup's
+anchor_stride: int = 0  # feature stride in pixels (one anchor location every this many); 0: the course setup's
 num_images: int = 600  # training images whose boxes the coverage is measured on
 kmeans_k: int = 9  # anchor shapes found by k-means (the aside at the end)
 
@@ -46,6 +46,7 @@ from rpnlab.data import SyntheticShapes
 from rpnlab.detector.anchors import AnchorGenerator
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.lab import records, widgets
+from rpnlab.lab.course import course_setup, departures, resolve
 from rpnlab.lab.anchors import (
     coverage_over_dataset,
     default_feature_sizes,
@@ -64,6 +65,20 @@ dev = resolve_device(device)
 if smoke:
     num_images = 24
 dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
+course = course_setup()
+used = resolve(course, anchor_sizes=anchor_sizes, anchor_ratios=anchor_ratios, anchor_stride=anchor_stride)
+anchor_sizes, anchor_ratios = list(used["anchor_sizes"]), list(used["anchor_ratios"])
+anchor_stride, anchor_offset = used["anchor_stride"], course.anchor_offset
+
+# %% [markdown]
+# ## The course setup
+#
+# Every notebook starts from the same anchors and sampling, those of the detector that notebooks
+# 04-09 train (`synthetic_model_config`); a notebook that departs from them says so here.
+
+# %%
+print(course.describe())
+print("\n".join(departures(course, used)) or "this notebook: the course setup, unchanged")
 
 # %% [markdown]
 # ## The paper's 9 anchors
@@ -116,12 +131,13 @@ check.base_anchors(my_base_anchors)
 # %% [markdown]
 # ## Anchors for our data
 #
-# Our images are 128 x 128 with objects of 12 to 77 pixels (notebook 00), so we take the sizes
-# and ratios of the parameters cell. With `anchor_stride` pixels per feature cell, a 128-pixel
-# image gives a `ceil(128 / stride)`-square feature map, and `H * W * k` anchors in all.
+# Our images are 128 x 128 with objects of 12 to 77 pixels (notebook 00), so the course takes
+# smaller sizes and a finer stride (printed above). With `anchor_stride` pixels per feature cell,
+# a 128-pixel image gives a `ceil(128 / stride)`-square feature map, and `H * W * k` anchors in all.
 
 # %%
-generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=anchor_ratios, strides=anchor_stride)
+generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=anchor_ratios, strides=anchor_stride,
+                            offset=anchor_offset)
 plot_base_anchors(generator)
 
 # %%
@@ -130,13 +146,14 @@ image, target = dataset[0]
 feature_size = default_feature_sizes(tuple(image.shape[-2:]), [anchor_stride])
 anchors = generator(feature_size, device=dev)
 k = generator.num_anchors_per_location()[0]
-print(f"image {tuple(image.shape[-2:])}, stride {anchor_stride} -> feature map {feature_size[0]}")
+print(f"image {tuple(image.shape[-2:])}, stride {anchor_stride}, offset {anchor_offset:g} -> feature map {feature_size[0]}")
 print(f"k = {k} anchors per location, {anchors.shape[0]} anchors: shape {tuple(anchors.shape)}")
 print("first location's anchors:", anchors[:k].int().tolist())
 
 # %% [markdown]
-# Drawn on an image: the dots are the anchor centres (one per feature cell, at the cell's
-# top-left corner with torchvision's `offset=0`), the blue boxes the `k` anchors of the location
+# Drawn on an image: the dots are the anchor centres (one per feature cell, at
+# `(i + offset) * stride`: the course's offset 0.5 puts them in the middle of their cell, where
+# torchvision's `offset=0` puts them on its top-left corner), the blue boxes the `k` anchors of the location
 # nearest the image centre, and for each ground-truth box (white) its best anchor (dashed) with
 # their IoU. Anchors may reach beyond the image border; the paper ignores those in training,
 # torchvision keeps them.
@@ -201,9 +218,10 @@ plot_anchor_coverage(coverage["best_iou"], thresholds=(0.5, 0.7))
 # ## Explore: sizes, ratios, stride
 #
 # The explorer calls the same two functions as the cells above (`plot_anchor_grid`,
-# `plot_anchor_coverage`) whenever a control changes. Things to try: a stride of 8 (four times
-# the anchors: does coverage at 0.7 rise?), dropping the size 16 (what happens to the small
-# boxes?), adding ratios 0.33 and 3.
+# `plot_anchor_coverage`) whenever a control changes. Things to try: a stride of 16 (a quarter
+# of the anchors: how much coverage at 0.7 is lost?), dropping the size 16 (what happens to the
+# small boxes?), adding ratios 0.33 and 3. (The explorer places anchors with torchvision's
+# offset 0, at the cells' corners; coverage hardly depends on it.)
 
 # %%
 explorer = widgets.anchor_explorer(dataset, sizes=anchor_sizes, ratios=anchor_ratios, stride=anchor_stride)
@@ -236,7 +254,8 @@ plot_kmeans_anchors(gt_wh, kmeans_wh, base_wh)
 # ## Check against torchvision
 #
 # torchvision's `AnchorGenerator` takes the same sizes and ratios and infers the stride from the
-# image and feature-map sizes. Same numbers, same order?
+# image and feature-map sizes; its anchors sit at offset 0, so ours are shifted back by
+# `offset * stride` pixels first. Same numbers, same order?
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -244,8 +263,9 @@ tv_generator = TorchvisionAnchorGenerator(sizes=(tuple(anchor_sizes),), aspect_r
 images = ImageList(image[None], [tuple(image.shape[-2:])])
 fmap = torch.zeros(1, 1, *feature_size[0])
 theirs = tv_generator(images, [fmap])[0]
-torch.testing.assert_close(anchors.cpu(), theirs)
-print(f"{tuple(theirs.shape)} anchors: matches torchvision: True")
+shift = anchor_offset * anchor_stride  # torchvision centres anchors at offset 0
+torch.testing.assert_close(anchors.cpu() - shift, theirs)
+print(f"{tuple(theirs.shape)} anchors (ours moved by {shift:g} px): matches torchvision: True")
 
 # %% [markdown]
 # ## What we measured

@@ -83,11 +83,15 @@ print("by hand            :", [round(v, 4) for v in (28 / 96, 4 / 48, math.log(8
 plot_box_coding(anchor, gt, deltas)
 
 # %% [markdown]
-# Move the sliders to decode other offsets onto the anchor: which `(tx, ty, tw, th)` lands on
-# the ground truth? (The status line gives the answer.)
+# Now a puzzle: the same anchor and another box (drawn by the explorer). First work out on
+# paper which `(tx, ty, tw, th)` lands on it, then set the sliders to your answer: the figure's
+# title gives the IoU of the decoded box with the target (1.000 when you are right). The status
+# line with the exact offsets is hidden; run `explorer.status.layout.display = ""` to see it.
 
 # %%
-explorer = widgets.box_coding_explorer(anchor, gt)
+puzzle_gt = torch.tensor([24.0, 20.0, 72.0, 116.0])  # a tall box up and left of the anchor
+explorer = widgets.box_coding_explorer(anchor, puzzle_gt)
+explorer.status.layout.display = "none"  # it would print the answer
 explorer
 
 # %% [markdown]

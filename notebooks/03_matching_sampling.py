@@ -31,13 +31,13 @@ device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "
 seed: int = 0  # seeds the dataset and the sampler
 smoke: bool = False  # tiny sizes for CI: a handful of images instead of the full split
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/03_matching_sampling.json
-anchor_sizes: list = [16, 32, 64, 128]  # anchor sizes in pixels, the square root of the anchor area
-anchor_ratios: list = [0.5, 1.0, 2.0]  # anchor aspect ratios as height / width
-anchor_stride: int = 16  # feature stride in pixels: one anchor location every this many pixels
+anchor_sizes: list = []  # anchor sizes in pixels (square root of the area); empty: the course setup's
+anchor_ratios: list = []  # anchor aspect ratios as height / width; empty: the course setup's
+anchor_stride: int = 0  # feature stride in pixels (one anchor location every this many); 0: the course setup's
 high_threshold: float = 0.7  # IoU at or above which an anchor is positive
 low_threshold: float = 0.3  # IoU below which an anchor is negative; in between it is ignored
 allow_low_quality_matches: bool = True  # each box also takes its best anchors, even below high_threshold
-batch_size_per_image: int = 256  # anchors sampled per image for the loss
+batch_size_per_image: int = 0  # anchors sampled per image for the loss; 0: the course setup's
 positive_fraction: float = 0.5  # at most this share of the sampled anchors is positive
 image_index: int = 0  # the image the figures show
 num_images: int = 600  # training images the label statistics are gathered over
@@ -54,6 +54,7 @@ from rpnlab.detector.boxes import box_iou
 from rpnlab.detector.matching import BalancedSampler, Matcher, label_anchors, label_anchors_batch
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.lab import records, widgets
+from rpnlab.lab.course import course_setup, departures, resolve
 from rpnlab.lab.anchors import coverage_over_dataset, default_feature_sizes
 from rpnlab.lab.matching import label_counts, plot_iou_matrix, plot_matching
 
@@ -63,11 +64,27 @@ dev = resolve_device(device)
 if smoke:
     num_images = 24
 dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
-generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=anchor_ratios, strides=anchor_stride)
+course = course_setup()
+used = resolve(course, anchor_sizes=anchor_sizes, anchor_ratios=anchor_ratios, anchor_stride=anchor_stride,
+               batch_size_per_image=batch_size_per_image)
+anchor_sizes, anchor_ratios = list(used["anchor_sizes"]), list(used["anchor_ratios"])
+anchor_stride, batch_size_per_image, anchor_offset = used["anchor_stride"], used["batch_size_per_image"], course.anchor_offset
+used.update(high_threshold=high_threshold, low_threshold=low_threshold, positive_fraction=positive_fraction)
+generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=anchor_ratios, strides=anchor_stride, offset=anchor_offset)
 image, target = dataset[image_index]
 feature_size = default_feature_sizes(tuple(image.shape[-2:]), [anchor_stride])
 anchors = generator(feature_size, device=dev)
 gt = target["boxes"].to(dev)
+
+# %% [markdown]
+# ## The course setup
+#
+# The anchors of notebook 01 and the matching and sampling of the detector that notebooks 04-09
+# train (`synthetic_model_config`); a notebook that departs from them says so here.
+
+# %%
+print(course.describe())
+print("\n".join(departures(course, used)) or "this notebook: the course setup, unchanged")
 
 # %% [markdown]
 # ## The IoU matrix
@@ -165,6 +182,26 @@ r = explorer.last_result
 print(f"explorer update: {1000 * r['seconds']:.0f} ms to compute, {1000 * r['render_seconds']:.0f} ms to draw")
 
 # %% [markdown]
+# ## Anchors that cross the border
+#
+# The paper (sec. 3.1.3) ignores, during training, every anchor that reaches beyond the image:
+# about two thirds of its 20000 anchors per image. Those anchors would give large, hard-to-learn
+# targets and, kept, they do not let training converge. torchvision and detectron2 keep them.
+# rpnlab follows either: `label_anchors(..., image_size=..., ignore_cross_boundary=True)` (and
+# `RPNConfig(ignore_cross_boundary=True)` for the model) leaves them out of the matching and
+# labels them -1. At test time nothing is dropped: the proposals are clipped to the image.
+
+# %%
+inside = ((anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= image.shape[-1])
+          & (anchors[:, 3] <= image.shape[-2]))
+border_labels, _ = label_anchors(anchors, gt, matcher, image_size=tuple(image.shape[-2:]), ignore_cross_boundary=True)
+border_counts = label_counts(border_labels)
+print(f"{int((~inside).sum())} of {anchors.shape[0]} anchors cross the border of this image ({(~inside).float().mean():.0%})")
+print("labels, all anchors:          ", counts)
+print("labels, ignore_cross_boundary:", border_counts)
+assert bool((border_labels[~inside] == -1).all())
+
+# %% [markdown]
 # ## The balanced sampler
 #
 # The loss is computed on `batch_size_per_image` anchors per image, at most
@@ -207,9 +244,9 @@ check.sample(my_sample)
 # ## Over the training set
 #
 # How many positives does an image get, and how many boxes get one only through the
-# low-quality rule (their best IoU is below the high threshold)? With small objects and a
-# coarse stride that share is large: the rule is not a corner case here, it is what gives most
-# objects a positive anchor at all. Notebook 01's explorer shows how a finer stride changes it.
+# low-quality rule (their best IoU is below the high threshold)? With small objects that share
+# is large (measured below): the rule is not a corner case here. Notebook 01's explorer shows how
+# the stride changes it.
 
 # %%
 gt_list = [dataset[i][1]["boxes"].to(dev) for i in range(len(dataset))]

@@ -140,8 +140,9 @@ plot_objectness_forms()
 # The offsets are regressed with the smooth L1 loss of Fast R-CNN: quadratic for errors below
 # `beta`, linear above. Its gradient never exceeds 1, so a badly matched anchor with a huge
 # error cannot swamp the others (L2's gradient grows with the error), and it is smooth near 0
-# (L1's jumps). The paper writes it with `sigma`: `beta = 1 / sigma^2`; the RPN uses `sigma = 3`,
-# `beta = 1/9` (torchvision too); detectron2 uses `beta = 0` (plain L1) for the RPN.
+# (L1's jumps). Fast R-CNN's smooth L1 switches at 1 (`beta = 1`). The `sigma` comes from
+# py-faster-rcnn's code, not the paper: `beta = 1 / sigma^2`, and its RPN uses `sigma = 3`, so
+# `beta = 1/9` (torchvision keeps it); detectron2 uses `beta = 0` (plain L1) for the RPN.
 
 # %%
 plot_smooth_l1(betas=(1 / 9, 0.5, 1.0))
@@ -182,15 +183,18 @@ check.smooth_l1(my_smooth_l1)
 # %% [markdown]
 # ## The two loss normalisations
 #
-# Each image contributes a sampled mini-batch of 256 anchors (notebook 03). The paper's loss
+# Each image contributes a sampled mini-batch of `batch_size_per_image` anchors (notebook 03; the
+# course samples fewer than the paper's 256, see the count printed below). The paper's loss
 # (eq. 1) is
 #
 # `L = 1/N_cls * sum_i L_cls(p_i, p*_i) + lambda/N_reg * sum_i p*_i L_reg(t_i, t*_i)`
 #
 # with `N_cls = 256`, `N_reg` the number of anchor *locations* (about 2400 for a 1000 x 600
 # image at stride 16) and `lambda = 10`, so that both terms weigh about the same:
-# `10 / 2400 ~ 1 / 256`. torchvision (and detectron2) divide both sums by the number of
-# sampled anchors instead ("sampled"). Our feature maps have far fewer than 2400 cells, so
+# `10 / 2400 ~ 1 / 256`. torchvision divides both sums by the number of anchors it actually
+# sampled instead ("sampled"); detectron2 divides by `batch_size_per_image x images`, the number
+# it would sample if every image filled its quota (the same here unless an image runs short of
+# anchors). Our feature maps have far fewer than 2400 cells, so
 # with the same `lambda` the paper's rule weighs the box term more than torchvision's; by how
 # much is computed below, on the same sampled anchors of the untrained RPN:
 
@@ -295,9 +299,9 @@ for norm, run in runs.items():
 # %% [markdown]
 # Recall at IoU 0.7 needs boxes that were *moved* onto the objects, not just well-ranked
 # anchors, so it shows whether the box regression was learnt: compare the two weightings
-# there, and their box-loss curves above. (On 8 x 8 maps, a stride-16 backbone, the paper's
-# rule weighs the box term 40 times more than torchvision's, and we measured 28% against 12%
-# recall at IoU 0.7 after 250 iterations; finer maps narrow the gap.)
+# there, and their box-loss curves above. How much heavier the paper's rule makes the box term
+# was printed in the normalisation section; the coarser the feature map, the larger that factor
+# and the gap between the two runs.
 
 # %%
 image, target = val_set[0]

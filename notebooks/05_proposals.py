@@ -31,13 +31,13 @@ device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "
 seed: int = 0  # seeds the data order, the weights and the anchor sampler
 smoke: bool = False  # tiny sizes for CI: a few training iterations on a handful of images
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/05_proposals.json
-rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: train one here
+rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: the course RPN (cached; trained here the first time)
 iterations: int = 250  # SGD steps of the RPN trained here when rpn_checkpoint is empty
 num_images: int = 600  # training images of that RPN
 num_val_images: int = 150  # validation images the recall is measured on
 image_index: int = 0  # the validation image the step-by-step figures show
-pre_nms_top_n: int = 600  # best boxes kept before NMS (test time; torchvision 1000, the paper 6000)
-post_nms_top_n: int = 100  # proposals kept after NMS (test time; the paper 300)
+pre_nms_top_n: int = 600  # best boxes kept before NMS (test time; torchvision 1000, py-faster-rcnn 6000)
+post_nms_top_n: int = 100  # proposals kept after NMS (test time; the paper and py-faster-rcnn 300)
 nms_thresh: float = 0.7  # NMS suppresses a box whose IoU with a better kept box is above this
 min_size: float = 0.0  # boxes narrower or lower than this (pixels, after clipping) are dropped
 
@@ -60,7 +60,7 @@ from rpnlab.lab.proposals import (
     rpn_outputs,
 )
 from rpnlab.lab.reference import torchvision_rpn
-from rpnlab.lab.stage_training import train_rpn
+from rpnlab.lab.stage_training import course_rpn
 from rpnlab.lab.timing import time_call
 
 record_file = records.begin("05_proposals", record_path)
@@ -73,18 +73,20 @@ val_set = SyntheticShapes("val", num_images=num_val_images, seed=seed)
 # %% [markdown]
 # ## A trained RPN
 #
-# Proposals are only interesting from a trained RPN. Without a checkpoint this trains one
-# briefly, as notebook 04 does. Then the backbone and the head run once over the validation
-# images; everything below works from these dense predictions.
+# Proposals are only interesting from a trained RPN. Without a checkpoint this takes the course
+# RPN (`course_rpn`): trained briefly, as notebook 04 does, the first time any notebook asks for
+# it, then cached and shared with notebook 07 (`make prepare` trains it before a workshop). The
+# cell says which happened and how long it took. Then the backbone and the head run once over
+# the validation images; everything below works from these dense predictions.
 
 # %%
 if rpn_checkpoint:
     model = load_model(rpn_checkpoint, map_location=dev)
     print(f"RPN loaded from {rpn_checkpoint}")
 else:
-    run = train_rpn(iterations, num_images, seed=seed, device=device, out_dir=str(record_file.parent / "05_rpn_checkpoint"))
-    model = run.model
-    print(f"RPN trained here: {run.iterations} iterations in {run.seconds:.0f} s")
+    course = course_rpn(iterations, num_images, seed=seed, device=device)  # trains only when the cache lacks it
+    model = course.model
+    print(course.describe())
 outputs = rpn_outputs(model, val_set)
 anchors, box_coder = outputs["anchors"], model.rpn.box_coder
 print(f"{len(val_set)} validation images x {anchors.shape[0]} anchors: objectness {tuple(outputs['objectness'].shape)}, "
@@ -240,6 +242,26 @@ for ax, key, iou in zip(axes[0], ("recall_50", "recall_70"), (0.5, 0.7)):
                            x_label="proposals per image (log scale)", title=f"recall at IoU {iou}")
     ax.set_xscale("log")
 fig
+
+# %% [markdown]
+# ## Training and test counts differ
+#
+# The proposal layer keeps more boxes while training than at test time. In training the Fast
+# R-CNN head samples its RoIs from the proposals (notebook 07), so it needs many and varied ones;
+# at test time every proposal costs a head evaluation, and recall (above) flattens after a few
+# hundred. The paper gives 2000 proposals for training and 300 for testing; the counts before NMS
+# (12000 in training, 6000 at test) are py-faster-rcnn's, not the paper's. `RPNConfig` has both
+# pairs (`pre_nms_top_n_train` / `post_nms_top_n_train` and `..._test`); the model switches with
+# `model.train()` / `model.eval()`. The defaults of `RPNConfig` (py-faster-rcnn's) and the course's
+# model preset, scaled down to a few thousand anchors per image:
+
+# %%
+from rpnlab.config import RPNConfig
+from rpnlab.detector.model import synthetic_model_config
+
+for name, rpn_cfg in (("RPNConfig defaults", RPNConfig()), ("course model preset", synthetic_model_config().rpn)):
+    print(f"{name:>20}: train {rpn_cfg.pre_nms_top_n_train} -> NMS -> {rpn_cfg.post_nms_top_n_train}; "
+          f"test {rpn_cfg.pre_nms_top_n_test} -> NMS -> {rpn_cfg.post_nms_top_n_test}")
 
 # %% [markdown]
 # Things to look for. A strict threshold (0.5) can run out of boxes: fewer than 300 survive, and

@@ -72,7 +72,9 @@ box = target["boxes"][0]
 # (outwards) and takes each bin's maximum. Following Caffe, the rounded box spans cells `x1..x2`
 # *inclusive*. RoI Align rounds nothing: its bins are exact and each averages a few bilinearly
 # interpolated points. Left RoI Pool, right RoI Align, for this image's first box (2 x 2 bins,
-# to keep the drawing readable; the grid lines are the cells' integer coordinates):
+# to keep the drawing readable). The grid lines are the cells' borders: each cell is centred on
+# its integer coordinate, as `roi_pool_region` and RoI Align's bilinear sampling count them, so
+# the rounded box encloses the exact one to within half a cell on each side:
 
 # %%
 plot_roi_quantisation(box.tolist(), spatial_scale=1 / stride, output_size=2, sampling_ratio=sampling_ratio)

@@ -30,7 +30,7 @@ device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "
 seed: int = 0  # seeds the data order, the weights and the samplers
 smoke: bool = False  # tiny sizes for CI: a few training iterations on a handful of images
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/07_fast_rcnn_head.json
-rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: train one here
+rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: the course RPN (cached; trained here the first time)
 rpn_iterations: int = 250  # SGD steps of the RPN trained here when rpn_checkpoint is empty
 head_iterations: int = 150  # SGD steps of the Fast R-CNN head (backbone and RPN frozen)
 head_lr: float = 0.1  # learning rate of the head's SGD (warm-up, then cosine decay)
@@ -65,7 +65,7 @@ from rpnlab.lab.figures import new_figure, plot_funnel, plot_loss_curves
 from rpnlab.lab.matching import plot_matching
 from rpnlab.lab.reference import torchvision_postprocess
 from rpnlab.lab.roi import detection_funnel, plot_regression_targets
-from rpnlab.lab.stage_training import frozen_rpn_proposals, train_fast_rcnn_head, train_rpn
+from rpnlab.lab.stage_training import course_rpn, frozen_rpn_proposals, train_fast_rcnn_head
 
 record_file = records.begin("07_fast_rcnn_head", record_path)
 seed_everything(seed)
@@ -79,7 +79,9 @@ num_classes = train_set.num_classes
 # %% [markdown]
 # ## The RPN that feeds the head
 #
-# A trained RPN (notebook 04's checkpoint, or one trained briefly here). It stays frozen in
+# A trained RPN: a checkpoint you give, or the course RPN that notebook 05 used (`course_rpn`:
+# loaded from the cache, or trained here once and cached; the cell says which and how long it
+# took). It stays frozen in
 # this notebook: only the head learns, on the RPN's proposals and features, as in step 4 of
 # the paper's alternating training.
 
@@ -88,9 +90,9 @@ if rpn_checkpoint:
     model = load_model(rpn_checkpoint, map_location=dev)
     print(f"RPN loaded from {rpn_checkpoint}")
 else:
-    run = train_rpn(rpn_iterations, num_images, seed=seed, device=device, out_dir=str(record_file.parent / "07_rpn_checkpoint"))
-    model = run.model
-    print(f"RPN trained here: {run.iterations} iterations in {run.seconds:.0f} s")
+    course = course_rpn(rpn_iterations, num_images, seed=seed, device=device)  # trains only when the cache lacks it
+    model = course.model
+    print(course.describe())
 images, targets = collate([train_set[i] for i in range(min(8, len(train_set)))])
 targets = [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev)} for t in targets]
 features, proposals, image_sizes = frozen_rpn_proposals(model, images.to(dev))  # training-time counts

@@ -4,7 +4,8 @@
 
     rpnlab train --epochs 12 --out-dir runs/shapes          # the synthetic preset on the CPU
     rpnlab evaluate --checkpoint runs/shapes/checkpoint.pt --split val --json metrics.json
-    rpnlab predict img1.png img2.png --checkpoint runs/shapes/checkpoint.pt --out predictions/
+    rpnlab export-samples --out runs/samples                  # a few dataset images as PNG files
+    rpnlab predict runs/samples/test_000.png --checkpoint runs/shapes/checkpoint.pt --out runs/predictions
     rpnlab run --smoke --out runs/smoke -p device cpu
     rpnlab sweep 03 -p anchor_stride 8 16 --parallel 2
     rpnlab sweep 02 -p seed 0 1 2 -p num_pairs 1000 5000 --aggregate seed --out runs/sw
@@ -487,6 +488,15 @@ def build_parser(prog: str = "rpnlab") -> argparse.ArgumentParser:
     p.add_argument("--split", nargs="+", default=None,
                    help="splits to scan (default: the ones present among train, val, test, trainval)")
     p.add_argument("--no-images", action="store_true", help="check the annotations only")
+    p = sub.add_parser("export-samples", help="write a few dataset images as PNG files (to try 'predict' on)",
+                       formatter_class=_Formatter,
+                       description="Write images of the embedded synthetic dataset as PNG files, with their "
+                                   "ground truth in annotations.json.")
+    p.add_argument("--out", default="runs/samples", metavar="DIR", help="folder for the PNGs and annotations.json")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
+    p.add_argument("--count", type=int, default=4, help="how many images")
+    p.add_argument("--first", type=int, default=0, help="index of the first image")
+    p.add_argument("--seed", type=int, default=0, help="the dataset seed (the one training used)")
 
     p = sub.add_parser("run", help="execute the notebook collection headlessly (papermill)",
                        formatter_class=_Formatter)
@@ -973,6 +983,19 @@ def _check_data_root(data_cfg: DataConfig) -> list[str]:
     return []
 
 
+def cmd_export_samples(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rpnlab.data.samples import export_samples
+
+    try:
+        paths = export_samples(args.out, split=args.split, count=args.count, seed=args.seed, first=args.first)
+    except ValueError as err:
+        parser.error(str(err))
+    for path in paths:
+        print(path)
+    print(f"ground truth: {Path(args.out) / 'annotations.json'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rpnlab.lab import runner
 
@@ -995,7 +1018,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                    out_dir=args.out, smoke=args.smoke, progress=not args.no_progress,
                                    executor=args.executor, scheduler=args.scheduler, parallel=args.parallel,
                                    allow_unknown_parameters=args.allow_unknown_parameters)
-    return _exit_status(sum(r["status"] != "ok" for r in result.rows), len(result.rows), "notebooks")
+    failed = sum(r["status"] != "ok" for r in result.rows)
+    print(f"{len(result.rows)} notebook(s) run{f', {failed} failed' if failed else ''}; summary: {result.summary_md}")
+    return _exit_status(failed, len(result.rows), "notebooks")
 
 
 def _executor_problems(args: argparse.Namespace) -> list[str]:
@@ -1068,6 +1093,8 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"table: {result.table_path}")
     if result.aggregate_path is not None:
         print(f"aggregate: {result.aggregate_path}")
+    if result.plot_path is not None:
+        print(f"plot: {result.plot_path}")
     return _exit_status(result.failed, len(result.rows), "points")
 
 
@@ -1103,7 +1130,7 @@ def cmd_sweep_collect(argv: Sequence[str]) -> int:
 
 
 _COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "check-data": cmd_check_data,
-             "run": cmd_run, "sweep": cmd_sweep}
+             "export-samples": cmd_export_samples, "run": cmd_run, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

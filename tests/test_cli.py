@@ -235,7 +235,8 @@ def test_run_and_sweep_delegate_to_the_runner(monkeypatch):
     class Result:
         ok = True
         table_path = "sweep.csv"
-        failed, rows, aggregate_path = 0, [], None
+        failed, rows, aggregate_path, plot_path = 0, [], None, None
+        summary_md = "runs/x/summary.md"
 
     monkeypatch.setattr(runner, "run_collection", lambda **kw: calls.setdefault("run", kw) and Result())
     monkeypatch.setattr(sweeps, "sweep", lambda notebook, grid, **kw: calls.setdefault("sweep", (notebook, grid, kw))

@@ -12,6 +12,7 @@ committed outputs, every other cell must run without error.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import papermill
 import pytest
 
 from rpnlab.lab import records, sweeps
+from rpnlab.lab.course import course_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -30,15 +32,21 @@ IDS = [p.stem for p in NOTEBOOKS]
 REQUIRED_PARAMETERS = {"device", "seed", "smoke", "record_path"}
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
 
+# The course setup (anchors of 01 and 03) comes from the model preset: counts follow from it.
+COURSE = course_setup()
+COURSE_K = len(COURSE.anchor_sizes) * len(COURSE.anchor_ratios)
+COURSE_ANCHORS = math.ceil(128 / COURSE.anchor_stride) ** 2 * COURSE_K  # on a 128 x 128 image
+
 # Record keys (and values where they are deterministic at smoke size) per notebook. Notebooks
 # not listed here only need a non-empty record.
 EXPECTED_RECORDS = {
     "00_setup": {"num_images": 16, "device": None, "num_objects": None, "objects_per_class": None},
-    "01_anchors": {"k": 12, "num_anchors": 768, "coverage_at_0.5": None, "coverage_at_0.7": None,
+    "01_anchors": {"k": COURSE_K, "num_anchors": COURSE_ANCHORS, "coverage_at_0.5": None, "coverage_at_0.7": None,
                    "mean_best_iou": None, "kmeans_mean_iou": None, "explorer_ms": None},
     "02_box_coding": {"slip_iou": None, "roundtrip_error_float32": None, "clamped_width_px": None},
-    "03_matching_sampling": {"num_anchors": 768, "image_positive": 6, "image_negative": 676, "image_ignored": 86,
-                             "sampled_positive": 6, "sampled_negative": 250, "explorer_ms": None},
+    "03_matching_sampling": {"num_anchors": COURSE_ANCHORS, "image_positive": None, "image_negative": None,
+                             "image_ignored": None, "sampled_positive": None, "sampled_negative": None,
+                             "explorer_ms": None},
 }
 
 
@@ -203,8 +211,8 @@ def test_sweep_anchor_stride(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     by_stride = {int(r["anchor_stride"]): r for r in rows}
-    assert int(by_stride[8]["num_anchors"]) == 16 * 16 * 12
-    assert int(by_stride[16]["num_anchors"]) == 8 * 8 * 12
+    assert int(by_stride[8]["num_anchors"]) == 16 * 16 * COURSE_K
+    assert int(by_stride[16]["num_anchors"]) == 8 * 8 * COURSE_K
     # Four times the anchors cover the boxes at least as well.
     assert float(by_stride[8]["mean_best_iou"]) >= float(by_stride[16]["mean_best_iou"])
     assert {r["status"] for r in rows} == {"ok"}

@@ -180,7 +180,12 @@ def plot_roi_quantisation(box: Sequence[float], spatial_scale: float = 1 / 16, o
                           sampling_ratio: int = 2, feature_size: tuple[int, int] | None = None,
                           title: str | None = None) -> Figure:
     """One RoI on the feature grid: RoI Pool's rounded box and integer bins (left) against RoI
-    Align's exact bins and bilinear sample points (right)."""
+    Align's exact bins and bilinear sample points (right).
+
+    Cells are drawn centred on their integer coordinates (cell ``i`` spans ``[i - 1/2, i + 1/2]``),
+    the convention of ``roi_pool_region`` and of RoI Align's bilinear sampling, so the rounded
+    box drawn is exactly the region ``roi_pool_region`` gives, and the exact RoI lies within
+    half a cell of it."""
     x1, y1, x2, y2 = (float(v) * spatial_scale for v in box)
     if feature_size is None:
         feature_size = (math.ceil(y2) + 1, math.ceil(x2) + 1)
@@ -188,27 +193,29 @@ def plot_roi_quantisation(box: Sequence[float], spatial_scale: float = 1 / 16, o
     fig, axes = new_figure(1, 2, (4.5, 4.5))
     for ax in axes[0]:
         for x in range(fw + 1):
-            ax.axvline(x, color="lightgray", lw=0.6)
+            ax.axvline(x - 0.5, color="lightgray", lw=0.6)  # cell borders: cell i is centred on i
         for y in range(fh + 1):
-            ax.axhline(y, color="lightgray", lw=0.6)
-        ax.set_xlim(-0.2, fw + 0.2)
-        ax.set_ylim(fh + 0.2, -0.2)
+            ax.axhline(y - 0.5, color="lightgray", lw=0.6)
+        ax.set_xlim(-0.7, fw - 0.3)
+        ax.set_ylim(fh - 0.3, -0.7)
         ax.set_aspect("equal")
         ax.set_xlabel("feature x (cells)")
         ax.set_ylabel("feature y (cells)")
         add_box(ax, (x1, y1, x2, y2), "black", linewidth=1.5, linestyle=":", label="RoI (exact)")
-    # RoI Pool (torchvision): round the corners, at least one cell, integer bin edges.
+    # RoI Pool (torchvision): round the corners, at least one cell, integer bin edges; cells
+    # rx1..rx2 inclusive, each spanning half a cell either side of its index.
     ax = axes[0, 0]
     rx1, ry1, rx2, ry2 = (math.floor(v + 0.5) for v in (x1, y1, x2, y2))
     rw, rh = max(rx2 - rx1 + 1, 1), max(ry2 - ry1 + 1, 1)
-    add_box(ax, (rx1, ry1, rx1 + rw, ry1 + rh), COLORS["negative"], linewidth=2, label="rounded RoI")
+    region = roi_pool_region(torch.tensor([[float(v) for v in box]]), spatial_scale)[0] * spatial_scale
+    add_box(ax, tuple(region.tolist()), COLORS["negative"], linewidth=2, label="rounded RoI")
     for b in range(output_size):
         for c in range(output_size):
             bx1 = rx1 + math.floor(c * rw / output_size)
             bx2 = rx1 + math.ceil((c + 1) * rw / output_size)
             by1 = ry1 + math.floor(b * rh / output_size)
             by2 = ry1 + math.ceil((b + 1) * rh / output_size)
-            ax.add_patch(Rectangle((bx1, by1), bx2 - bx1, by2 - by1, facecolor=COLORS["negative"], alpha=0.12,
+            ax.add_patch(Rectangle((bx1 - 0.5, by1 - 0.5), bx2 - bx1, by2 - by1, facecolor=COLORS["negative"], alpha=0.12,
                                    edgecolor=COLORS["negative"], linewidth=0.8))
     ax.set_title(f"RoI Pool: rounded to cells, {output_size}x{output_size} bins")
     ax.legend(fontsize=7, loc="lower right")

@@ -392,7 +392,9 @@ def execute_one(
         "error_name": "",
         "error": "",
     }
-    engine_kwargs = {"execution_timeout": cell_timeout} if cell_timeout else {}
+    engine_kwargs: dict[str, Any] = {"execution_timeout": cell_timeout} if cell_timeout else {}
+    if os.name == "posix":  # local sockets: no "Kernel is running over TCP without encryption"
+        engine_kwargs["kernel_manager_class"] = _ipc_kernel_manager()
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -411,11 +413,51 @@ def execute_one(
         row.update(status="failed", error_name=type(exc).__name__,
                    error=f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
     row["seconds"] = round(time.perf_counter() - start, 3)
+    _trust(output_path)
     if record_path is not None and Path(record_path).is_file():
         row["record"] = read_record(record_path)
     if figures_dir is not None:
         row["figures"] = [str(p) for p in _save_figures(output_path, Path(figures_dir), notebook.stem)]
     return row
+
+
+def _ipc_kernel_manager():
+    """A kernel manager that talks to the kernel over IPC (Unix sockets in the runtime folder)
+    instead of TCP on loopback: the kernel then has no reason to warn about unencrypted TCP.
+    Each kernel gets its own socket prefix, so kernels started at once (a parallel sweep) never
+    pick the same socket files."""
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self):
+            return "ipc"
+
+        @default("ip")
+        def _default_ip(self):
+            folder = Path(jupyter_runtime_dir())
+            folder.mkdir(parents=True, exist_ok=True)
+            return str(folder / f"rpnlab-{uuid.uuid4().hex[:12]}")
+
+    return IPCKernelManager
+
+
+def _trust(executed_nb: Path) -> None:
+    """Sign the executed notebook as trusted (what ``jupyter trust`` does), so JupyterLab renders
+    its stored widgets when it is reopened instead of their text fallback ("VBox(children=...")."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    if not executed_nb.is_file():
+        return
+    try:
+        NotebookNotary().sign(nbformat.read(executed_nb, as_version=4))
+    except Exception as exc:  # noqa: BLE001  no writable signature store: the run itself still counts
+        warnings.warn(f"could not mark {executed_nb.name} as trusted: {exc}", stacklevel=2)
 
 
 def _describe_failure(row: Mapping[str, Any]) -> str:

@@ -8,14 +8,25 @@ sized in iterations rather than epochs, so a notebook can say "train for 300 ite
 constants, so no gradient flows back through RoI pooling into the feature map: on a CPU that
 backward pass costs more than everything else of a joint iteration, and skipping it makes a
 useful head train in about a minute.
+
+``course_rpn`` is the RPN notebooks 05 and 07 (and ``make prepare``, ahead of a workshop) share:
+trained once with ``train_rpn`` into a cache folder keyed by the model preset and the training
+settings, then loaded by every later notebook in a second. ``python -m rpnlab.lab.stage_training``
+trains it with notebook 05's default parameters.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +37,7 @@ from rpnlab.config import DataConfig
 from rpnlab.engine.devices import resolve_device
 from rpnlab.engine.train import ROI_LOSSES, TrainResult, lr_factor, synthetic_train_config, train
 
-__all__ = ["frozen_rpn_proposals", "train_fast_rcnn_head", "train_rpn"]
+__all__ = ["CourseRPN", "course_cache_dir", "course_rpn", "frozen_rpn_proposals", "train_fast_rcnn_head", "train_rpn"]
 
 
 def train_rpn(
@@ -84,6 +95,65 @@ def train_rpn(
     data_cfg = DataConfig(num_train=num_images, seed=seed)
     dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
     return train(model_cfg, data_cfg, train_cfg, progress=progress, train_dataset=dataset)
+
+
+def course_cache_dir() -> Path:
+    """Where trained course models are kept: ``$RPNLAB_COURSE_CACHE``, else ``data/cache/course``
+    of the source checkout (git-ignored), else ``~/.cache/rpnlab/course``."""
+    if os.environ.get("RPNLAB_COURSE_CACHE"):
+        return Path(os.environ["RPNLAB_COURSE_CACHE"])
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
+        return repo / "data" / "cache" / "course"
+    return Path.home() / ".cache" / "rpnlab" / "course"
+
+
+@dataclasses.dataclass
+class CourseRPN:
+    """The shared RPN: the model (eval mode), its checkpoint, and where it came from."""
+
+    model: nn.Module
+    checkpoint: Path
+    trained_here: bool  # False: loaded from the cache
+    train_seconds: float  # how long its training took (then or now)
+    seconds: float  # how long this call took
+
+    def describe(self) -> str:
+        if self.trained_here:
+            return (f"RPN trained here in {self.train_seconds:.0f} s and cached at {self.checkpoint}; "
+                    "later notebooks load it in seconds (`make prepare` trains it ahead of time)")
+        return (f"RPN loaded from the course cache in {self.seconds:.1f} s ({self.checkpoint}; "
+                f"training it took {self.train_seconds:.0f} s)")
+
+
+def course_rpn(iterations: int, num_images: int = 600, seed: int = 0, device: str | torch.device = "auto",
+               batch_size: int = 8, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> CourseRPN:
+    """The course's RPN for these settings: loaded from the cache, or trained (``train_rpn``) and cached.
+
+    The cache key covers the model preset (``synthetic_model_config()``) and the training settings,
+    so a retuned preset or other iterations train a new RPN instead of reusing a stale one.
+    ``refresh=True`` retrains even when the cache has it.
+    """
+    from rpnlab.detector.model import synthetic_model_config
+    from rpnlab.engine.checkpoint import load_model
+
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    key = {"model": dataclasses.asdict(synthetic_model_config()), "iterations": iterations,
+           "num_images": num_images, "seed": seed, "batch_size": batch_size}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) if cache_dir is not None else course_cache_dir()
+    folder = folder / f"rpn-{iterations}it-{num_images}img-seed{seed}-{digest}"
+    checkpoint, meta = folder / "checkpoint.pt", folder / "course.json"
+    if checkpoint.is_file() and meta.is_file() and not refresh:
+        model = load_model(checkpoint, map_location=dev)
+        train_seconds = float(json.loads(meta.read_text(encoding="utf-8"))["train_seconds"])
+        return CourseRPN(model, checkpoint, False, train_seconds, time.perf_counter() - start)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = train_rpn(iterations, num_images, batch_size=batch_size, seed=seed, device=dev, out_dir=str(folder))
+    meta.write_text(json.dumps({**key, "train_seconds": run.seconds, "device": str(dev)}, indent=1, default=str),
+                    encoding="utf-8")  # written last: a checkpoint without it is an interrupted run
+    return CourseRPN(run.model, Path(run.checkpoint), True, run.seconds, time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -186,3 +256,18 @@ def train_fast_rcnn_head(
             p.requires_grad_(was_trainable[id(p)])
         model.eval()
     return history
+
+
+def _prepare() -> None:
+    """Train (or find) the course RPN with notebook 05's default parameters: ``make prepare``."""
+    import papermill
+
+    repo = Path(__file__).resolve().parents[2]
+    declared = papermill.inspect_notebook(str(repo / "notebooks" / "05_proposals.ipynb"))
+    defaults = {name: json.loads(declared[name]["default"]) for name in ("iterations", "num_images", "seed")}
+    rpn = course_rpn(defaults["iterations"], defaults["num_images"], seed=defaults["seed"])
+    print(rpn.describe())
+
+
+if __name__ == "__main__":
+    _prepare()
