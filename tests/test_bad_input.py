@@ -266,7 +266,7 @@ RUN_CASES = [
     (["run", "01", "-p", "anchor_stride", "abc"], ("anchor_stride='abc'", "integer")),
     (["run", "01", "-p", "anchor_stride", "8.5"], ("anchor_stride=8.5", "integer")),
     (["run", "01", "-p", "anchor_sizes", "32"], ("anchor_sizes=32", "[32]")),
-    (["run", "01", "-p", "anchor_sizes", '["a", "b"]'], ("anchor_sizes", "finite numbers")),
+    (["run", "02", "-p", "head_weights", '["a", "b"]'], ("head_weights", "finite numbers")),
     (["run", "03", "-p", "high_threshold", "NaN"], ("high_threshold=nan", "finite")),
     (["run", "03", "-p", "high_threshold", "high"], ("high_threshold='high'", "finite")),
     (["run", "03", "-p", "allow_low_quality_matches", "3"], ("allow_low_quality_matches=3", "true or false")),

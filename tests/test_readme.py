@@ -26,6 +26,8 @@ README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
 # Programs a reader has before the virtual environment exists (or that it does not provide).
 SYSTEM_TOOLS = {"make", "python3", "source", "touch", "conda", "pip", "git"}
+# Programs of a cluster's login node, shown for SLURM users: not on a laptop.
+CLUSTER_TOOLS = {"sbatch"}
 
 
 def readme_commands() -> list[list[str]]:
@@ -35,6 +37,8 @@ def readme_commands() -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
+            while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):  # VAR=value before a program
+                argv = argv[1:]
             if argv:
                 commands.append(argv)
     return commands
@@ -56,6 +60,15 @@ def _rpnlab_argv(argv: list[str]) -> list[str] | None:
     return None
 
 
+def _parse(args: list[str]):
+    """Parse ``rpnlab ARGS`` as ``rpnlab.cli.main`` does (``sweep collect`` has a parser of its own)."""
+    if args[:2] == ["sweep", "collect"]:
+        parsed = cli._collect_parser().parse_args(args[2:])
+        parsed.command = "sweep"
+        return parsed
+    return cli.build_parser().parse_args(args)
+
+
 def _ids(commands):
     return [" ".join(c)[:60] for c in commands]
 
@@ -75,7 +88,7 @@ def test_every_program_is_reachable_as_written(argv):
     program = argv[0]
     if program.startswith(".venv/bin/"):
         assert (VENV_BIN / Path(program).name).exists(), f"{program}: not in the virtual environment"
-    elif "/" not in program and program not in SYSTEM_TOOLS:
+    elif "/" not in program and program not in SYSTEM_TOOLS | CLUSTER_TOOLS:
         # A bare name works once `source .venv/bin/activate` ran, which the README says first.
         assert "source .venv/bin/activate" in README.read_text(encoding="utf-8")
         assert (VENV_BIN / program).exists(), f"{program}: neither a system tool nor in {VENV_BIN}"
@@ -85,14 +98,16 @@ def test_every_program_is_reachable_as_written(argv):
 def test_every_rpnlab_command_parses(argv):
     args = _rpnlab_argv(argv)
     try:
-        parsed = cli.build_parser().parse_args(args)
+        parsed = _parse(args)
     except SystemExit as exc:  # argparse's way of saying no
         pytest.fail(f"'rpnlab {' '.join(args)}' does not parse (exit {exc.code})")
     assert parsed.command == args[0]
 
 
-@pytest.mark.parametrize("argv", [c for c in RPNLAB if _rpnlab_argv(c)[0] in ("run", "sweep")],
-                         ids=_ids([c for c in RPNLAB if _rpnlab_argv(c)[0] in ("run", "sweep")]))
+NOTEBOOK_COMMANDS = [c for c in RPNLAB if _rpnlab_argv(c)[0] in ("run", "sweep") and _rpnlab_argv(c)[1:2] != ["collect"]]
+
+
+@pytest.mark.parametrize("argv", NOTEBOOK_COMMANDS, ids=_ids(NOTEBOOK_COMMANDS))
 def test_every_notebook_parameter_is_declared(argv):
     parsed = cli.build_parser().parse_args(_rpnlab_argv(argv))
     names = [entry[0] for entry in parsed.parameter]
@@ -150,7 +165,7 @@ def test_help_notebook_runs_as_written():
 def test_outputs_land_under_runs():
     # Every path an example writes is under runs/, which git ignores.
     for argv in RPNLAB:
-        args = cli.build_parser().parse_args(_rpnlab_argv(argv))
+        args = _parse(_rpnlab_argv(argv))
         for option in ("out", "out_dir", "json"):
             value = getattr(args, option, None)
             if value:
