@@ -182,7 +182,7 @@ if anchor_summary:
 # %%
 lambda_summary = []
 if "lambda" in tables:
-    n_reg = experiments._locations_per_image(base_cfg, val_set)
+    n_reg = experiments.locations_per_image(base_cfg, val_set)
     n_cls = base_cfg.rpn.batch_size_per_image
     print(f"N_cls = {n_cls} sampled anchors, N_reg = {n_reg} locations per image: a lambda weighs the box term "
           f"{experiments.loss_balance(1, n_cls, n_reg) / experiments.loss_balance(1, 256, 2400):.1f} times "

@@ -660,6 +660,7 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from rpnlab.engine.devices import resolve_device
     from rpnlab.engine.evaluation import per_class_ap_table
     from rpnlab.engine.train import evaluate
+    from rpnlab.lab.records import write_text_atomic
 
     problems = _check_in_file(args.checkpoint, "--checkpoint", "checkpoint file")
     if args.json:
@@ -735,7 +736,7 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             "coco": {k: v for k, v in metrics["coco"].items() if k != "summary"},
             "proposal_recall": {k: recall[k] for k in ("num_proposals", "recall_50", "recall_70", "average_recall")},
         }
-        _write_text_atomic(Path(args.json), json.dumps(_jsonable(summary), indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(_jsonable(summary), indent=2) + "\n")
         print(f"\nmetrics written to {args.json}")
     return 0
 
@@ -748,6 +749,7 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from rpnlab.data.transforms import ResizeShortestSide
     from rpnlab.engine.checkpoint import load_model
     from rpnlab.engine.devices import resolve_device
+    from rpnlab.lab.records import write_text_atomic
 
     problems = _check_in_file(args.checkpoint, "--checkpoint", "checkpoint file") + _check_out_dir(args.out, "--out")
     if not (math.isfinite(args.score_thresh) and 0 <= args.score_thresh <= 1):
@@ -809,29 +811,13 @@ def cmd_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         _draw(image, [{**d, "box": (torch.tensor(d["box"]) * shown).tolist()} for d in entry["detections"]], target)
         print(f"{path}: {len(entry['detections'])} detection(s) -> {target}")
     payload = results if not failed else {"images": results, "failed": failed}
-    _write_text_atomic(out / "detections.json", json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(out / "detections.json", json.dumps(payload, indent=2) + "\n")
     print(f"detections written to {out / 'detections.json'}")
     if failed:
         print(f"rpnlab predict: error: {len(failed)} of {len(args.images)} image(s) could not be read: "
               + ", ".join(f["image"] for f in failed), file=sys.stderr)
         return 1
     return 0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and a rename: readers never see half a file."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def cmd_check_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

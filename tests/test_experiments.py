@@ -9,7 +9,6 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from matplotlib.figure import Figure
 
 from rpnlab.config import DataConfig
 from rpnlab.data import SyntheticShapes
@@ -17,7 +16,6 @@ from rpnlab.detector.model import synthetic_model_config
 from rpnlab.engine.train import synthetic_train_config, train
 from rpnlab.lab import experiments as ex
 from rpnlab.lab.detections import plot_training_history
-from rpnlab.lab.experiments import plot_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_09 = ROOT / "notebooks" / "09_experiments.ipynb"
@@ -50,71 +48,7 @@ def _locations(model_cfg, image_size=128):
     return math.ceil(image_size / stride) ** 2
 
 
-def _check_measured(row):
-    for key in ex.MEASURED_KEYS:
-        assert key in row, f"{key} missing from {sorted(row)}"
-        assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row[key])
-    for key in ("map_50", "map", "recall_50", "recall_70", "average_recall"):
-        assert 0.0 <= row[key] <= 1.0, (key, row[key])
-    assert row["iterations"] == 1
-    assert row["mean_proposals"] > 0
-
-
 # --------------------------------------------------------------------------- ablations
-
-
-def test_anchor_ablation_one_row_per_setting(tiny):
-    data_cfg, train_cfg, model_cfg, val = tiny
-    before = copy.deepcopy(model_cfg)
-    settings = [{"setting": "one", "sizes": [32], "ratios": [1.0], "paper_map": 66.7},
-                {"setting": "three x three", "sizes": (16, 32, 64), "ratios": (0.5, 1.0, 2.0)}]
-    rows = ex.anchor_ablation(settings, data_cfg, train_cfg, model_cfg, val_dataset=val)
-    assert [r["setting"] for r in rows] == ["one", "three x three"]
-    assert [r["k"] for r in rows] == [1, 9]
-    assert rows[0]["sizes"] == (32.0,) and rows[1]["ratios"] == (0.5, 1.0, 2.0)
-    assert rows[0]["paper_map"] == 66.7 and rows[1]["paper_map"] is None
-    for row in rows:
-        _check_measured(row)
-        assert 0.0 <= row["coverage_70"] <= 1.0
-    # One anchor per location: at most one proposal per location survives.
-    assert rows[0]["mean_proposals"] <= _locations(model_cfg)
-    # 9 anchors per location cover the boxes at least as well as one of them alone.
-    assert rows[1]["coverage_70"] >= rows[0]["coverage_70"]
-    assert model_cfg == before, "the base config must not be modified"
-    # Every setting checkpoints in its own folder.
-    folders = sorted(p.parent.name for p in Path(train_cfg.out_dir).rglob("checkpoint.pt") if "anchors" in p.parent.name)
-    assert folders == ["anchors-one", "anchors-three-x-three"]
-
-
-def test_lambda_ablation_one_row_per_lambda(tiny):
-    data_cfg, train_cfg, model_cfg, val = tiny
-    rows = ex.lambda_ablation([0.1, 10], data_cfg, train_cfg, model_cfg, val_dataset=val)
-    assert [r["lambda"] for r in rows] == [0.1, 10.0]
-    assert [r["paper_map"] for r in rows] == [67.2, 69.9]
-    # 256 sampled anchors against the feature map's locations (64 for 128-px images at stride 16).
-    assert rows[1]["balance"] == pytest.approx(10 * model_cfg.rpn.batch_size_per_image / _locations(model_cfg))
-    assert rows[1]["paper_balance"] == pytest.approx(10 * 256 / 2400)
-    for row in rows:
-        _check_measured(row)
-    assert model_cfg.rpn.loss_normalization == "sampled"
-
-
-def test_proposal_count_ablation(trained, tiny):
-    *_, val = tiny
-    layer = trained.rpn.proposal_layer
-    saved = (layer.pre_nms_top_n, layer.post_nms_top_n)
-    rows = ex.proposal_count_ablation(trained, val, [5, 50, 300, 1000])
-    assert [r["test_proposals"] for r in rows] == [5, 50, 300, 1000]
-    assert [r["paper_map"] for r in rows] == [None, None, 56.8, 56.3]
-    for row in rows:
-        assert {"map_50", "map", "recall_50", "recall_70", "average_recall", "mean_proposals"} <= set(row)
-        assert all(math.isfinite(row[k]) for k in ("map_50", "map", "recall_50", "recall_70", "mean_proposals"))
-        assert 0 < row["mean_proposals"] <= row["test_proposals"]
-    assert rows[0]["mean_proposals"] == 5
-    # The top N proposals are a prefix of the top N' > N: recall cannot fall as N grows.
-    recalls = [r["recall_50"] for r in rows]
-    assert recalls == sorted(recalls)
-    assert (layer.pre_nms_top_n, layer.post_nms_top_n) == saved, "the model is restored"
 
 
 def test_proposal_recall_for(trained, tiny):
@@ -128,37 +62,7 @@ def test_proposal_recall_for(trained, tiny):
     assert trained.rpn.proposal_layer.post_nms_top_n == saved
 
 
-def test_ablations_reject_bad_input(tiny, trained):
-    data_cfg, train_cfg, model_cfg, val = tiny
-    with pytest.raises(ValueError, match="settings"):
-        ex.anchor_ablation([], data_cfg, train_cfg, model_cfg, val_dataset=val)
-    with pytest.raises(ValueError, match="sizes"):
-        ex.anchor_ablation([{"setting": "x", "sizes": [32]}], data_cfg, train_cfg, model_cfg, val_dataset=val)
-    with pytest.raises(TypeError, match="base_model_cfg"):
-        ex.lambda_ablation([1.0], data_cfg, train_cfg, {"anchors": None}, val_dataset=val)
-    with pytest.raises(ValueError, match="lambdas"):
-        ex.lambda_ablation([-1.0], data_cfg, train_cfg, model_cfg, val_dataset=val)
-    with pytest.raises(ValueError, match="counts"):
-        ex.proposal_count_ablation(trained, val, [0, 10])
-
-
 # --------------------------------------------------------------------------- settings and numbers
-
-
-def test_anchor_settings_follow_table_8():
-    settings = ex.anchor_settings((16, 32, 64), (0.5, 1.0, 2.0))
-    assert [s["setting"] for s in settings] == ["1 scale, 1 ratio", "3 scales, 1 ratio", "1 scale, 3 ratios",
-                                                "3 scales, 3 ratios"]
-    assert [s["sizes"] for s in settings] == [(32.0,), (16.0, 32.0, 64.0), (32.0,), (16.0, 32.0, 64.0)]
-    assert [s["ratios"] for s in settings] == [(1.0,), (1.0,), (0.5, 1.0, 2.0), (0.5, 1.0, 2.0)]
-    # The middle size plays the paper's 256^2; the smallest its 128^2.
-    assert [s["paper_map"] for s in settings] == [66.7, 69.8, 67.9, 69.9]
-    assert [s["paper_map"] for s in ex.anchor_settings((16, 32, 64), single_size=16)][::2] == [65.8, 68.8]
-    # A size the paper has no row for, or 4 scales: no paper number rather than a wrong one.
-    assert ex.anchor_settings((16, 32, 64), single_size=24)[0]["paper_map"] is None
-    assert ex.anchor_settings((16, 32, 64, 128))[3]["paper_map"] is None
-    with pytest.raises(ValueError, match="at least two"):
-        ex.anchor_settings((32,))
 
 
 def test_paper_numbers():
@@ -276,19 +180,7 @@ def test_measure_stage_seconds(tiny):
 # --------------------------------------------------------------------------- figures
 
 
-def test_plot_ablation_and_history():
-    rows = [{"lambda": 0.1, "map_50": 0.1, "paper_map": 67.2}, {"lambda": 10.0, "map_50": 0.2, "paper_map": 69.9},
-            {"lambda": 3.0, "map_50": 0.15, "paper_map": None}]
-    fig = plot_ablation(rows, "lambda", ("map_50",), log_x=True, title="lambda")
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
-    ours, paper = fig.axes
-    assert ours.get_xscale() == "log" and ours.get_ylabel() == "ours (%)" and ours.get_xlabel() == "lambda"
-    assert list(ours.lines[0].get_ydata()) == pytest.approx([10.0, 20.0, 15.0])  # fractions drawn in percent
-    assert list(paper.lines[0].get_ydata()) == [67.2, 69.9]  # rows without a paper number left out
-    bars = plot_ablation([{"setting": "a", "map_50": 0.1}, {"setting": "b", "map_50": 0.3}], "setting",
-                             paper_key=None)
-    assert len(bars.axes) == 1 and [p.get_height() for p in bars.axes[0].patches] == pytest.approx([10.0, 30.0])
-
+def test_plot_training_history():
     history = [{"step": 0, "stage": "step1_rpn", "loss_objectness": 0.7, "total": 0.7},
                {"step": 1, "stage": "step1_rpn", "loss_objectness": 0.6, "total": 0.6},
                {"step": 2, "stage": "step2_fast_rcnn", "loss_classifier": 1.2, "total": 1.2}]
@@ -298,3 +190,8 @@ def test_plot_ablation_and_history():
     drawn = {line.get_label(): list(line.get_xdata()) for line in ax.lines if not line.get_label().startswith("_")}
     assert drawn == {"loss_objectness": [0, 1], "loss_classifier": [2]}  # each loss at its own steps
     assert sum(1 for line in ax.lines if line.get_linestyle() == ":") == 2  # one marker per stage
+
+
+def test_locations_per_image(tiny):
+    _, _, model_cfg, val = tiny
+    assert ex.locations_per_image(model_cfg, val) == _locations(model_cfg)

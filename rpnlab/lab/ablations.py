@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,9 +225,12 @@ def repeat_over_seeds(
     return rows, kept
 
 
-def _seeded(train_cfg: TrainConfig, seed: int, name: str) -> TrainConfig:
-    from rpnlab.lab.experiments import _slug
+def _slug(text: str) -> str:
+    """A setting's name as a folder name: ``"3 scales, 1 ratio"`` -> ``"3-scales-1-ratio"``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "setting"
 
+
+def _seeded(train_cfg: TrainConfig, seed: int, name: str) -> TrainConfig:
     cfg = copy.deepcopy(train_cfg)
     cfg.seed = int(seed)
     cfg.out_dir = str(Path(train_cfg.out_dir) / f"{_slug(name)}-seed{seed}")
@@ -276,12 +280,12 @@ def lambda_rows(lambdas: Iterable[float], seeds: Iterable[int], data_cfg: DataCo
     locations, 256 samples) and ``paper_map``; the measured ``box_share`` shows the balance the
     training really had.
     """
-    from rpnlab.lab.experiments import PAPER_LAMBDA, _locations_per_image, loss_balance
+    from rpnlab.lab.experiments import PAPER_LAMBDA, locations_per_image, loss_balance
 
     lambdas = [float(v) for v in lambdas]
     if not lambdas or any(not math.isfinite(v) or v < 0 for v in lambdas):
         raise ValueError(f"lambdas must be a non-empty list of numbers >= 0, got {lambdas}")
-    locations = _locations_per_image(base_model_cfg, val_dataset)
+    locations = locations_per_image(base_model_cfg, val_dataset)
     sampled = base_model_cfg.rpn.batch_size_per_image
     settings = [{"setting": f"lambda {lam:g}", "lambda": lam, "balance": loss_balance(lam, sampled, locations),
                  "paper_balance": loss_balance(lam, 256, 2400), "paper_map": PAPER_LAMBDA.get(lam)} for lam in lambdas]

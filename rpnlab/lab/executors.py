@@ -43,6 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rpnlab.lab.records import write_text_atomic
+
 __all__ = [
     "DaskExecutor",
     "LocalExecutor",
@@ -127,9 +129,7 @@ def notebook_hash(path: str | Path) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
 
 
 def _notebook_for(task: Mapping[str, Any], work: Path) -> Path:

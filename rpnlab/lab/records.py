@@ -36,6 +36,7 @@ __all__ = [
     "record",
     "save_record",
     "to_jsonable",
+    "write_text_atomic",
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,8 +113,9 @@ def current() -> dict[str, Any]:
     return dict(_state["values"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write a temporary file in the same folder, then rename: a reader never sees half a file.
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename: a reader
+    never sees half a file, and an interrupted write leaves the old file (or none) and no temp."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -136,7 +138,7 @@ def save_record(path: str | os.PathLike | None = None, verbose: bool = True) -> 
     if target is None:
         raise ValueError("no record path: call records.begin(name, record_path) first or pass path=")
     values = _state["values"]
-    _write_atomic(target, json.dumps(values, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(target, json.dumps(values, indent=2, allow_nan=False) + "\n")
     if verbose:
         width = max((len(k) for k in values), default=0)
         for key, value in values.items():
