@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -303,6 +304,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        # The Trainer would otherwise pick its own count from the load average, which lags by
+        # minutes (after a busy spell it chose 1 thread on an idle machine).
+        os.environ["RPNLAB_THREADS"] = str(args.threads)
     device = resolve_device(args.device)
     env = describe_environment(device)
     print(f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['cpu_threads']} threads; "

@@ -86,12 +86,42 @@ def cpu_threads_for_load(cpu_count: int | None = None, load: float | None = None
     other processes hold the cores, each operation waits for the slowest thread to be scheduled
     again: on a 2-core machine at load ~20, a training step of the synthetic detector took 4.9 s
     on 1 thread and 24.9 s on 2 (``benchmarks``-style interleaved measurement, see the issue-11
-    note). Hence ``cores - round(1-minute load)``, at least 1, at most the cores.
+    note). Hence ``cores - round(load)``, at least 1, at most the cores. ``load``: the cores
+    other processes keep busy now (``busy_cores``: measured over a quarter second where
+    ``/proc/stat`` exists), else the 1-minute load average, which lags: just after a busy spell
+    it still says the machine is full.
     """
     cores = cpu_count or os.cpu_count() or 1
     if load is None:
+        load = busy_cores()
+    if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, cores - round(load)))
+
+
+def busy_cores(window_s: float = 0.25, stat_path: str = "/proc/stat") -> float | None:
+    """How many cores other processes keep busy, measured over ``window_s`` from ``/proc/stat``
+    (the caller sleeps meanwhile); ``None`` where that file does not exist (macOS, Windows)."""
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open(stat_path) as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window_s)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total
 
 
 def configure_cpu_threads() -> int | None:
