@@ -23,7 +23,7 @@ instructor edition of the notebooks is written from them by ``rpnlab.lab.exercis
 
 from __future__ import annotations
 
-from rpnlab.lab.exercises import anchors, box_coding, matching, proposals, roi, roi_heads, rpn
+from rpnlab.lab.exercises import anchors, box_coding, fpn, matching, proposals, roi, roi_heads, rpn
 from rpnlab.lab.exercises.core import Exercise, Result, check_names, run
 
 __all__ = ["EXERCISES", "Result", "all_exercises", "check", "exercise"]
@@ -36,6 +36,7 @@ EXERCISES: dict[str, list[Exercise]] = {
     "05_proposals": [proposals.CLIP_BOXES, proposals.NMS],
     "06_roi_pooling": [roi.ROI_POOL_BIN, roi.BILINEAR],
     "07_fast_rcnn_head": [roi_heads.PROPOSAL_LABELS, roi_heads.FAST_RCNN_LOSS],
+    "10_fpn": [fpn.FPN_LEVEL, fpn.TOP_K_PER_LEVEL],
 }
 
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "anchor_grid", "base_anchors", "bilinear", "clip_boxes", "decode", "encode", "fast_rcnn_loss", "iou",
-    "label_anchors", "nms", "proposal_labels", "roi_pool_bin", "rpn_loss", "sample", "smooth_l1",
+    "anchor_grid", "base_anchors", "bilinear", "clip_boxes", "decode", "encode", "fast_rcnn_loss", "fpn_level",
+    "iou", "label_anchors", "nms", "proposal_labels", "roi_pool_bin", "rpn_loss", "sample", "smooth_l1",
+    "top_k_per_level",
 ]
 
 
@@ -203,4 +204,23 @@ def fast_rcnn_loss(class_logits, box_regression, labels, targets):
     beta = 1 / 9
     loss_box = torch.where(d < beta, 0.5 * d**2 / beta, d - 0.5 * beta).sum() / r
     return loss_classifier, loss_box
+    ### END SOLUTION
+
+
+def fpn_level(boxes, k_min, k_max):
+    ### BEGIN SOLUTION
+    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # side of the same-area square
+    k = torch.floor(4 + torch.log2(scale / 224) + 1e-6)  # 224 px on level 4; eps as torchvision's LevelMapper
+    return k.clamp(k_min, k_max).to(torch.int64) - k_min  # an index into the pooler's levels
+    ### END SOLUTION
+
+
+def top_k_per_level(objectness, num_anchors_per_level, k):
+    ### BEGIN SOLUTION
+    picked, offset = [], 0
+    for scores in objectness.split(list(num_anchors_per_level), dim=1):  # (B, A_l) per level
+        n = scores.shape[1]
+        picked.append(scores.topk(min(k, n), dim=1).indices + offset)  # positions in the full list
+        offset += n
+    return torch.cat(picked, dim=1)
     ### END SOLUTION
