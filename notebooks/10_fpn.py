@@ -271,6 +271,7 @@ proposal_check = check_proposals(tv_model.rpn, x.cpu(), image_sizes, [f.cpu() fo
 print("proposals equal torchvision's RegionProposalNetwork (same count, max difference < 1e-3 px):",
       proposal_check["same_count"] and proposal_check["max_diff"] < 1e-3)
 
+
 # %% [markdown]
 # ## Which level pools a RoI
 #

@@ -228,9 +228,10 @@ def check_proposals(tv_rpn, images: Tensor, image_sizes, features: Sequence[Tens
     with torch.no_grad():
         theirs, _ = tv_rpn(_image_list(images, image_sizes), OrderedDict(zip(names, features)))
     tv_rpn.train(was_training)
-    same = all(len(a) == len(b) for a, b in zip(theirs, proposals))
-    diff = max((float((a - b).abs().max()) for a, b in zip(theirs, proposals) if len(a)), default=0.0)
-    return {"same_count": same, "max_diff": diff if same else math.inf,
+    same = len(theirs) == len(proposals) and all(len(a) == len(b) for a, b in zip(theirs, proposals))
+    diff = max((float((a - b).abs().max()) for a, b in zip(theirs, proposals) if len(a)), default=0.0) \
+        if same else math.inf
+    return {"same_count": same, "max_diff": diff,
             "counts": [len(p) for p in proposals], "torchvision_counts": [len(t) for t in theirs]}
 
 

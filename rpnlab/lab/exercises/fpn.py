@@ -28,9 +28,10 @@ def _level_cases() -> list[Case]:
         Case("a 224 x 224 box on levels P2-P5", (t([_square(224.0)]), 2, 5),
              "a box of sqrt(w * h) = 224 px (ImageNet's size) is canonical: level k0 = 4, returned as "
              "k - k_min = 2, an index into the pooler's levels."),
-        Case("squares of 112, 150, 300 and 448 px", (t([_square(s) for s in (112.0, 150.0, 300.0, 448.0)]), 2, 5),
+        Case("squares of 112, 180, 300, 400 and 448 px",
+             (t([_square(s) for s in (112.0, 180.0, 300.0, 400.0, 448.0)]), 2, 5),
              "k = floor(4 + log2(sqrt(w * h) / 224)): each doubling of the side is one level up, and it is a "
-             "floor, not a rounding (300 px stays on level 4, 150 px on level 3)."),
+             "floor, not a rounding (400 px stays on level 4, 180 px on level 3)."),
         Case("a thin box, 28 x 448 px", (t([[0.0, 0.0, 28.0, 448.0]]), 2, 5),
              "the scale is sqrt(w * h), the side of the square of the same area (here 112 px), not the "
              "longer or the shorter side."),
@@ -84,15 +85,19 @@ def _same_anchors(got, expected: Tensor) -> str | None:
 def _top_k_cases() -> list[Case]:
     g = seeded(1001)
     low_level = torch.cat((torch.randn(1, 30, generator=g) + 3, torch.randn(1, 10, generator=g) - 3), dim=1)
+    # three levels whose 3 best anchors each are the 9 best overall: a global top-9 picks the same
+    three = -torch.rand(1, 35, generator=g)
+    for start, n in ((0, 20), (20, 10), (30, 5)):
+        three[0, start + torch.randperm(n, generator=g)[:3]] = 1 + torch.rand(3, generator=g)
     return [
         Case("one level of 20 anchors, k = 5", (torch.randn(1, 20, generator=g), [20], 5),
              "return the indices of the k largest logits (torch.topk), not the logits themselves."),
+        Case("three levels", (three, [20, 10, 5], 3),
+             "indices are positions in the full anchor list: add the level's offset (the number of "
+             "anchors of the levels before it) to the index within the level."),
         Case("two levels, the second scoring lower everywhere", (low_level, [30, 10], 4),
              "a top-k over all anchors at once takes none of the second level: take k from EACH level, "
              "which is what keeps the coarse levels (few anchors) from being starved by the fine ones."),
-        Case("three levels", (torch.randn(1, 35, generator=g), [20, 10, 5], 3),
-             "indices are positions in the full anchor list: add the level's offset (the number of "
-             "anchors of the levels before it) to the index within the level."),
         Case("a level with fewer anchors than k", (torch.randn(1, 26, generator=g), [24, 2], 4),
              "a level with fewer than k anchors gives all of them: take min(k, A_l)."),
         Case("two images", (torch.randn(2, 30, generator=g), [16, 8, 6], 3),
