@@ -72,6 +72,7 @@ from rpnlab.lab.fpn import (
     plot_pyramid_anchors,
     pyramid_levels,
     top_k_by_level,
+    top_k_explorer,
 )
 
 records.begin("10_fpn", record_path)
@@ -202,6 +203,17 @@ display(plot_level_counts({"anchors": counts_model["anchors"], "per-level top-k"
 starved = counts_even["global top-k"][-1]
 print(f"with scores alike, the global ranking gives the coarsest level {starved} of its "
       f"{counts_even['per-level top-k'][-1]} anchors that a per-level top-k keeps")
+
+# %% [markdown]
+# Move `k` (and pick the scores) to see where a global ranking starts to starve a level: the
+# coarse levels keep all their anchors under a per-level top-k as soon as `k` exceeds their
+# count, while a global top-k of the same total gives them only about their share of anchors.
+
+# %%
+explorer = top_k_explorer({"this model's": inter["objectness"][0].cpu(),
+                           "alike on every level": torch.randn(total_anchors, generator=g)},
+                          inter["num_anchors_per_level"], level_names, k=pre_n)
+explorer
 
 # %% [markdown]
 # ### Exercise 1: top-k per level

@@ -218,6 +218,27 @@ def test_figures_draw_every_level():
     assert len(fig.axes[0].patches) == 2  # the best of level 0 and the one of level 2
 
 
+def test_top_k_explorer_follows_its_controls():
+    counts = [300, 60, 12]
+    g = torch.Generator().manual_seed(0)
+    scores = {"alike": torch.randn(372, generator=g), "coarse first": torch.cat(
+        [torch.randn(300, generator=g) - 5, torch.randn(72, generator=g) + 5])}
+    explorer = fpn.top_k_explorer(scores, counts, ["P2", "P3", "P4"], k=20)
+    assert explorer.last_result["per-level top-k"] == [20, 20, 12]
+    assert sum(explorer.last_result["global top-k"]) == 52
+    assert "P4:" in explorer.status.value  # alike: the coarsest level loses anchors
+    first_png = explorer.output.outputs[0]["data"]["image/png"]
+    explorer.controls["scores"].value = "coarse first"
+    chosen = explorer.last_result["global top-k"]
+    assert chosen[0] == 0 and sum(chosen) == 52  # the 72 coarse anchors all outrank the fine ones
+    explorer.controls["k"].value = 5
+    assert explorer.last_result["per-level top-k"] == [5, 5, 5]
+    assert explorer.output.outputs[0]["data"]["image/png"] != first_png
+    assert explorer.last_result["render_seconds"] > 0 and explorer.last_result["seconds"] >= 0
+    with pytest.raises(ValueError, match="objectness is empty"):
+        fpn.top_k_explorer({}, counts, ["P2", "P3", "P4"])
+
+
 # --------------------------------------------------------------------------- exercises: typical mistakes
 
 

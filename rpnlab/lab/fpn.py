@@ -12,7 +12,8 @@ measures what each does level by level, draws it, and compares it with torchvisi
 - ``check_*``: the same anchors, head outputs, proposals, RoI levels and pooled features as
   torchvision's ``AnchorGenerator``, ``RPNHead``, ``RegionProposalNetwork``, ``LevelMapper`` and
   ``MultiScaleRoIAlign``, on the same features;
-- ``plot_pyramid_anchors``, ``plot_level_counts``, ``plot_level_assignment``: the figures.
+- ``plot_pyramid_anchors``, ``plot_level_counts``, ``plot_proposals_by_level``,
+  ``plot_level_assignment``: the figures; ``top_k_explorer``: a slider over ``top_k_by_level``.
 
 Levels are in the backbone's order, finest first (torchvision's ``"0"`` .. ``"3"``, ``"pool"``).
 """
@@ -54,6 +55,7 @@ __all__ = [
     "plot_pyramid_anchors",
     "pyramid_levels",
     "top_k_by_level",
+    "top_k_explorer",
 ]
 
 # torchvision's detectors with the classic pyramid: P2-P6, strides 4-64, one anchor size per level.
@@ -344,8 +346,12 @@ def plot_level_counts(counts: Mapping[str, Sequence[int]], level_names: Sequence
         bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, np.maximum(values, 0.8) if log else values,
                       width, label=name)
         ax.bar_label(bars, labels=[str(v) for v in values], fontsize=6, padding=1)
+    top = max([max(int(v) for v in values) for values in counts.values()] + [1])
     if log:
         ax.set_yscale("log")
+        ax.set_ylim(0.7, top * 4)  # fixed: 0 and 1 stay visible, and a widget can change heights in place
+    else:
+        ax.set_ylim(0, top * 1.15)
     ax.set_xticks(x, labels=list(level_names))
     ax.set_ylabel(y_label + (" (log scale)" if log else ""))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -386,3 +392,74 @@ def plot_level_assignment(boxes: Tensor, k_min: int, k_max: int, canonical_scale
     ax.set_title(title or f"FPN's level of {len(scale)} boxes: k = floor({canonical_level} + log2(sqrt(wh) / "
                           f"{canonical_scale:g}))", fontsize=9)
     return fig
+
+
+# ----------------------------------------------------------------------------- widget
+
+
+def top_k_explorer(objectness: Mapping[str, Tensor], num_anchors_per_level: Sequence[int],
+                   level_names: Sequence[str], k: int = 1000, render: bool = True):
+    """A ``k`` slider and a choice of scores over ``top_k_by_level`` and ``plot_level_counts``.
+
+    ``objectness``: ``{name: (A,) logits}`` (e.g. this model's and scores alike on every level).
+    Returns an ``rpnlab.lab.widgets.Explorer``; ``last_result`` holds the counts and ``seconds``.
+    """
+    import time
+
+    import ipywidgets as W
+
+    from rpnlab.lab.widgets import Explorer, show_figure
+
+    if not objectness:
+        raise ValueError("objectness is empty: give at least one {name: (A,) logits}")
+    counts = [int(n) for n in num_anchors_per_level]
+    style = {"description_width": "initial"}
+    controls = {
+        "k": W.IntSlider(value=int(k), min=1, max=max(counts), step=1, description="top-k per level",
+                         style=style, continuous_update=False),
+        "scores": W.Dropdown(options=list(objectness), description="scores", style=style),
+    }
+    output, status = W.Output(), W.HTML()
+    result: dict[str, Any] = {}
+    shown = ("anchors", "per-level top-k", "global top-k")
+    figure: list[Figure] = []  # drawn once, then its bars and labels change in place
+
+    def draw(chosen: dict[str, list[int]]) -> None:
+        title = f"top-{controls['k'].value} per level, or the same number over all levels"
+        if not figure:
+            figure.append(plot_level_counts({name: chosen[name] for name in shown}, level_names, title=title,
+                                            y_label="anchors"))
+            show_figure(output, figure[0])
+            figure[0].set_layout_engine("none")  # keep the first layout: no re-solving per change
+            return
+        ax = figure[0].axes[0]
+        for text in list(ax.texts):
+            text.remove()
+        for container, name in zip(ax.containers, shown):
+            for bar, value in zip(container.patches, chosen[name]):
+                bar.set_height(max(int(value), 0.8))
+            ax.bar_label(container, labels=[str(v) for v in chosen[name]], fontsize=6, padding=1)
+        ax.set_title(title, fontsize=10)
+        show_figure(output, figure[0])
+
+    def update() -> dict[str, Any]:
+        start = time.perf_counter()
+        chosen = top_k_by_level(objectness[controls["scores"].value], counts, controls["k"].value)
+        result.clear()
+        result.update(chosen, seconds=time.perf_counter() - start, render_seconds=0.0)
+        if render:
+            start = time.perf_counter()
+            draw(chosen)
+            result["render_seconds"] = time.perf_counter() - start
+        lost = [f"{name}: {g} of {p}" for name, g, p in zip(level_names, chosen["global top-k"], chosen["per-level top-k"])
+                if g < p]
+        status.value = ("a global top-k keeps fewer than the per-level top-k on " + ", ".join(lost)) if lost \
+            else "a global top-k keeps at least as many on every level"
+        return result
+
+    for control in controls.values():
+        control.observe(lambda _change: update(), names="value")
+    explorer = Explorer(widget=W.VBox([W.HBox(list(controls.values())), status, output]), controls=controls,
+                        output=output, status=status, update=update, last_result=result)
+    update()
+    return explorer
