@@ -156,10 +156,11 @@ print("anchors equal torchvision's AnchorGenerator, bit for bit:", anchor_check[
 #
 # The RPN head (a 3 x 3 conv, then 1 x 1 convs for the `k` objectness logits and `4k` offsets)
 # is *shared*: the same weights slide over every level. It can be, because every level has the
-# same channels (256) and the same `k` anchors per location, and the FPN's levels are meant to
-# describe objects alike whatever their size: an object of a level's anchor size covers about
-# the same number of cells on its own level as any other object does on its. One head per level
-# would hold five times the parameters and see each level's objects only.
+# same channels (256) and the same `k` anchors per location, and on each level an object of that
+# level's anchor size covers about the same number of cells. The FPN paper (sec. 4.1) also tried
+# a head per level and found similar accuracy: the levels carry features of a similar kind. One
+# head per level would hold one set of weights per level, and each would learn from its level's
+# objects only.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -176,18 +177,19 @@ for lv, (objectness_shape, deltas_shape) in zip(levels, head_check["shapes"]):
 # %% [markdown]
 # ## Top-k per level, not over all anchors
 #
-# Before NMS the proposal layer keeps the best `pre_nms_top_n` boxes (torchvision: 1000 at test
-# time, 2000 in training) **of each level**, then clips, drops tiny boxes, and runs NMS. A single
-# top-k over all anchors would take them mostly from the finest level, where most anchors are,
-# and starve the coarse levels that hold the large objects. Here is what each does, first with
-# this model's scores, then with scores drawn from one distribution on every level (what a
-# trained head's scores look like to a global ranking when no level is favoured):
+# Before NMS the proposal layer keeps the best `pre_nms_top_n` boxes **of each level** (the
+# model's counts are printed below), then clips, drops tiny boxes, and runs NMS. A single top-k
+# over all anchors would take them mostly from the finest level, where most anchors are, and
+# starve the coarse levels that hold the large objects. Here is what each does, first with this
+# model's scores, then with scores drawn from one distribution on every level (no level
+# favoured: a global ranking then picks about in proportion to the levels' anchor counts):
 
 # %%
 with torch.no_grad():
     rpn_out = model.rpn(features, image_sizes, return_intermediates=True)
 inter = rpn_out.intermediates
 pre_n = model.rpn.proposal_layer.pre_nms_top_n[1]  # the test count (eval mode)
+print(f"pre_nms_top_n per level: {model.rpn.proposal_layer.pre_nms_top_n[0]} in training, {pre_n} at test time")
 counts_model = top_k_by_level(inter["objectness"][0], inter["num_anchors_per_level"], pre_n)
 g = torch.Generator().manual_seed(seed)
 counts_even = top_k_by_level(torch.randn(total_anchors, generator=g), inter["num_anchors_per_level"], pre_n)
@@ -246,9 +248,9 @@ check.top_k_per_level(my_top_k_per_level)
 # ## NMS per level
 #
 # NMS too runs per level (`batched_nms` with the level as the group, as torchvision and
-# detectron2 do): a box never suppresses a box of another level. Boxes of neighbouring levels
-# do overlap (an anchor of 64 px and one of 128 px on the same object), so one NMS over all
-# levels would remove more, mostly from whichever level scores lower. Then the best
+# detectron2 do): a box never suppresses a box of another level. Boxes of different levels can
+# cover the same object (after regression a P3 box and a P4 box may nearly coincide), so one
+# NMS over all levels would remove more, mostly from whichever level scores lower. Then the best
 # `post_nms_top_n` survivors over all levels are the proposals. Counted per level on this image:
 
 # %%
@@ -311,8 +313,8 @@ def my_fpn_level(boxes, k_min, k_max):
 check.fpn_level(my_fpn_level)
 
 # %% [markdown]
-# The course's objects are 12-77 px on 128 px images, so at `image_size` they span the first
-# levels. The boxes of the training images, by the level that pools them:
+# The course's objects, resized with their images to `image_size`, span the first levels. The
+# boxes of the training images, by the level that pools them:
 
 # %%
 pooler = getattr(model.roi_heads.pooler, "pooler", model.roi_heads.pooler)  # the pooler's own levels, P2-P5
@@ -320,6 +322,8 @@ k_min, k_max = pooler.k_min, pooler.k_max
 train_set = SyntheticShapes("train", num_images=num_images, seed=seed)
 train_boxes = torch.cat([train_set[i][1]["boxes"] for i in range(len(train_set))]) * image_size / 128
 gt_levels = check_level_assignment(train_boxes, k_min, k_max)
+train_scale = torch.sqrt((train_boxes[:, 2] - train_boxes[:, 0]) * (train_boxes[:, 3] - train_boxes[:, 1]))
+print(f"box scale sqrt(w h) at {image_size} px: {train_scale.min():.0f} to {train_scale.max():.0f} px")
 proposal_levels = check_level_assignment(rpn_out.proposals[0].cpu(), k_min, k_max)
 print(f"{len(train_boxes)} boxes of {num_images} training images at {image_size} px, per level "
       f"P{k_min}-P{k_max}: {gt_levels['counts']}")
