@@ -81,7 +81,7 @@ clean:
 
 .PHONY: instructor
 INSTRUCTOR_OUT ?= runs/instructor
-## The instructor edition: notebooks 01-07 with the exercises' solutions filled in, into runs/instructor/
+## The instructor edition: the notebooks with exercises (01-07, 10) with the exercises' solutions filled in, into runs/instructor/
 instructor: $(STAMP)
 	$(PY) -m rpnlab.lab.exercises.instructor --out $(INSTRUCTOR_OUT)
 ## Offline GPU check, step 1 on a connected machine: the dependencies but torch into wheelhouse/
