@@ -217,6 +217,13 @@ explorer = top_k_explorer({"this model's": inter["objectness"][0].cpu(),
                           inter["num_anchors_per_level"], level_names, k=pre_n)
 explorer
 
+# %%
+explorer.controls["k"].value = pre_n // 2  # one change, as a slider move makes it
+r = explorer.last_result
+print(f"explorer update: {1000 * r['seconds']:.0f} ms to compute, {1000 * r['render_seconds']:.0f} ms to draw; "
+      f"at k = {pre_n // 2} a global top-k keeps {r['global top-k']} of the per-level {r['per-level top-k']}")
+explorer.controls["k"].value = pre_n
+
 # %% [markdown]
 # ### Exercise 1: top-k per level
 #
@@ -362,6 +369,8 @@ records.record("top_k_per_level", counts_model["per-level top-k"])
 records.record("global_top_k_model_scores", counts_model["global top-k"])
 records.record("global_top_k_even_scores", counts_even["global top-k"])
 records.record("nms_counts", nms_counts)
+records.record("explorer_ms", 1000 * r["seconds"])
+records.record("explorer_draw_ms", 1000 * r["render_seconds"])
 records.record("proposals_max_diff_px", proposal_check["max_diff"])
 records.record("proposals_same_count", proposal_check["same_count"])
 records.record("gt_boxes_per_level", gt_levels["counts"])

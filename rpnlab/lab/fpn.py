@@ -128,8 +128,9 @@ def pyramid_levels(anchor_generator, features: Sequence[Tensor], names: Sequence
     names = list(names) if names is not None else [str(i) for i in range(len(features))]
     total = sum(counts)
     return [
-        {"name": name, "level": f"P{round(math.log2(stride))}", "stride": int(stride), "feature": size, "sizes": [int(s) for s in level_sizes],
-         "ratios": [float(r) for r in ratios], "k": k, "anchors": n, "share": n / total}
+        {"name": name, "level": f"P{round(math.log2(stride))}", "stride": int(stride), "feature": size,
+         "sizes": [int(s) for s in level_sizes], "ratios": [float(r) for r in ratios], "k": k, "anchors": n,
+         "share": n / total}
         for name, stride, size, level_sizes, ratios, k, n in zip(
             names, anchor_generator.strides, sizes, anchor_generator.sizes, anchor_generator.aspect_ratios, ks, counts)
     ]
