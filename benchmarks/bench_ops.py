@@ -234,8 +234,12 @@ def _one_proposals(clock, anchors, b, train, device) -> dict:
 
 
 def bench_roi(clock: Clock, device, quick: bool) -> list[dict]:
+    return [row for k in ([128] if quick else [128, 512]) for row in _one_roi(clock, device, k)]
+
+
+def _one_roi(clock: Clock, device, k: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    n, c, k = 2, 256, 128 if quick else 512
+    n, c = 2, 256
     features = torch.randn(n, c, 38, 63, generator=g).to(device)
     xy = torch.rand(k, 2, generator=g) * torch.tensor([900.0, 500.0])
     wh = torch.rand(k, 2, generator=g) * 300 + 16
