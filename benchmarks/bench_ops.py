@@ -135,21 +135,21 @@ def torchvision_rpn(pre_nms: tuple[int, int], post_nms: tuple[int, int]) -> TVRe
 
 
 def bench_anchor_targets(clock: Clock, device, quick: bool) -> list[dict]:
-    anchors, _ = paper_anchors(device)
+    anchors, grid = paper_anchors(device)
     tv = torchvision_rpn((2000, 1000), (2000, 1000))
     coder, matcher = BoxCoder(), Matcher()
     sizes = [(1, 3), (8, 3), (32, 3), (8, 50), (32, 50), (1, 500)]
     if quick:
         sizes = [(1, 3), (8, 3), (8, 50)]
-    return [_one_targets(clock, anchors, b, g, tv, coder, matcher, device, quick) for b, g in sizes]
+    return [_one_targets(clock, anchors, grid, b, g, tv, coder, matcher, device, quick) for b, g in sizes]
 
 
-def _one_targets(clock, anchors, b, g, tv, coder, matcher, device, quick) -> dict:
+def _one_targets(clock, anchors, grid, b, g, tv, coder, matcher, device, quick) -> dict:
     gts = random_gt(b, g, torch.Generator().manual_seed(b * 1000 + g), device)
     targets = [{"boxes": x} for x in gts]
 
     def ours():
-        labels, matched = label_anchors_batched(anchors, gts, matcher)
+        labels, matched = label_anchors_batched(anchors, gts, matcher, grid=grid)
         return labels, matched, coder.encode(anchors, matched)
 
     def teaching():
@@ -234,8 +234,12 @@ def _one_proposals(clock, anchors, b, train, device) -> dict:
 
 
 def bench_roi(clock: Clock, device, quick: bool) -> list[dict]:
+    return [row for k in ([128] if quick else [128, 512]) for row in _one_roi(clock, device, k)]
+
+
+def _one_roi(clock: Clock, device, k: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    n, c, k = 2, 256, 128 if quick else 512
+    n, c = 2, 256
     features = torch.randn(n, c, 38, 63, generator=g).to(device)
     xy = torch.rand(k, 2, generator=g) * torch.tensor([900.0, 500.0])
     wh = torch.rand(k, 2, generator=g) * 300 + 16

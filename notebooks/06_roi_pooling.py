@@ -179,8 +179,10 @@ check.bilinear(my_bilinear)
 # %% [markdown]
 # ## Check against torchvision, and timing
 #
-# `rpnlab.detector.roi.roi_pool` and `roi_align` are written in plain PyTorch (gather the sample points,
-# then max or average), for reading. On random features and RoIs (some reaching outside the
+# `rpnlab.detector.roi.roi_pool` and `roi_align` are written in plain PyTorch, for reading:
+# `roi_pool` groups the bins by size, reads each group's cells at once and keeps each channel's
+# first maximum; `roi_align` writes the bilinear reads and each bin's mean as two small matrices
+# per box, `out = Wy @ feature_map @ Wx^T`. On random features and RoIs (some reaching outside the
 # map) they must give what `torchvision.ops.roi_pool` / `roi_align` give, and the same gradient
 # with respect to the features (for one random upstream gradient).
 

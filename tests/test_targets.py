@@ -6,6 +6,8 @@ from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.models.detection._utils import Matcher as TVMatcher
 from torchvision.ops import box_iou as tv_box_iou
 
+from rpnlab.config import AnchorConfig
+from rpnlab.detector.anchors import AnchorGenerator
 from rpnlab.detector.boxes import BoxCoder, box_iou
 from rpnlab.detector.matching import BalancedSampler, Matcher, label_anchors_batch
 from rpnlab.detector.targets import batched_box_iou, label_anchors_batched, pad_boxes
@@ -45,6 +47,38 @@ def test_batched_labels_equal_per_image(matcher, cross, seed):
     for budget, tile in ((1 << 24, 1 << 16), (2 * 12 * 400, 1 << 16), (5 * 400, 1 << 16), (1 << 24, 1)):
         out = label_anchors_batched(anchors, gts, matcher, sizes, cross, max_iou_values=budget, tile_values=tile)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), budget
+
+
+@pytest.mark.parametrize("matcher", MATCHERS, ids=repr)
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("seed", range(2))
+def test_grid_anchors_separable_iou_equals_per_image(matcher, cross, seed):
+    # A real anchor grid (20 x 30 locations at stride 16, 9 shapes, many crossing the border):
+    # the separable overlaps give the teaching path's labels and boxes bit for bit, in one pass,
+    # in groups and in tiles of single rows.
+    g = torch.Generator().manual_seed(seed)
+    anchors = AnchorGenerator.from_config(AnchorConfig())([(20, 30)])
+    gts = [random_boxes(m, size=400.0, generator=g) for m in (3, 0, 1, 12, 5)]
+    gts[0][1] = anchors[2000]  # a gt equal to an anchor (IoU exactly 1)
+    sizes = [(320, 480), (300, 470), (280, 420), (320, 400), (264, 480)]
+    ref = label_anchors_batch(anchors, gts, matcher, sizes, cross)
+    a = anchors.shape[0]
+    for budget, tile in ((1 << 24, 1 << 16), (2 * 12 * a, 1 << 16), (1 << 24, 1)):
+        out = label_anchors_batched(anchors, gts, matcher, sizes, cross, max_iou_values=budget,
+                                    tile_values=tile, grid=(20, 30))
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (budget, tile)
+    assert (ref[0] == 1).any() and (ref[0] == 0).any()  # the case has positives and negatives
+
+
+def test_grid_that_does_not_fit_the_anchors_is_refused():
+    anchors = AnchorGenerator.from_config(AnchorConfig())([(6, 9)])
+    gts = [random_boxes(2, size=150.0)]
+    with pytest.raises(ValueError, match="grid"):
+        label_anchors_batched(anchors, gts, Matcher(), grid=(9, 6))  # columns and rows swapped
+    with pytest.raises(ValueError, match="grid"):
+        label_anchors_batched(anchors, gts, Matcher(), grid=(5, 9))  # does not divide
+    with pytest.raises(ValueError, match="grid"):
+        label_anchors_batched(anchors, gts, Matcher(), grid=(6, 0))
 
 
 def test_batched_labels_equal_torchvision_rpn_targets(gen):

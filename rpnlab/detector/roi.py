@@ -22,8 +22,13 @@ tensor of ``[batch_index, x1, y1, x2, y2]`` rows, both in image pixels; ``spatia
 onto the feature map (1/16 for a stride-16 backbone). As in torchvision, no gradient flows into
 the box coordinates: Faster R-CNN's approximate joint training treats proposals as constants.
 
-Memory: the python versions read all sample points at once, ``K x C x out_h x out_w x (points per
-bin)`` values, so they suit teaching-sized inputs; use ``RoIPooler``'s torchvision path at scale.
+How they are vectorised (no Python loop over boxes or bins): ``roi_pool`` groups the bins by size,
+reads each group's cells at once and keeps each channel's first maximum; ``roi_align`` writes the
+bilinear reads and bin means as two small dense matrices per box, ``Wy @ map @ Wx^T``.
+Memory: ``roi_pool`` reads ``K x out_h x out_w x (cells per bin) x C`` values (without gradient),
+``roi_align`` makes a ``(boxes of the image x out_h, C x W)`` product per image; on CPU they run
+within a few times torchvision's kernels (``benchmarks/bench_ops.py``). ``RoIPooler`` uses the
+torchvision kernels by default.
 
 Longer than 500 lines because the three pooling methods are written out in plain PyTorch (the
 lesson) next to the RoIPooler that uses torchvision's kernels.
@@ -154,6 +159,21 @@ def _pool_bins(start: Tensor, length: Tensor, bins: int, size: int, dtype: torch
     return lo.clamp(0, size), hi.clamp(0, size)
 
 
+def _first_max(cells: Tensor) -> Tensor:
+    """``cells: (n, P, C)`` -> ``(n, C)``: the index along ``P`` of the first maximum.
+
+    The reference kernel credits the first of tied maxima (row by row) with the gradient, so
+    reading the value there sends the gradient to that cell only (``amax``'s backward would share
+    it among ties). ``amax`` is a fast reduction; ``max(dim)``, which also returns the index, is an
+    order of magnitude slower on CPU, so the first index is found with two ``amax`` passes: rank
+    the cells P, P-1, ..., 1 and take the largest rank among those equal to the maximum.
+    """
+    with torch.no_grad():
+        is_max = cells == cells.amax(dim=1, keepdim=True)  # (n, P, C)
+        rank = torch.arange(cells.shape[1], 0, -1, device=cells.device, dtype=torch.uint8)[:, None]
+        return cells.shape[1] - (is_max * rank).amax(dim=1).long()
+
+
 def roi_pool(
     input: Tensor,
     boxes: Tensor | Sequence[Tensor],
@@ -189,26 +209,41 @@ def roi_pool(
     h_lo, h_hi = _pool_bins(y1, roi_h, out_h, height, input.dtype)  # (K, out_h)
     w_lo, w_hi = _pool_bins(x1, roi_w, out_w, width, input.dtype)  # (K, out_w)
 
-    # Read every bin through a window as large as the largest bin, masking the cells beyond each
-    # bin's own end. The window size becomes a tensor shape, so it is read on the host.
-    win_h = max(int((h_hi - h_lo).amax()) if len(rois) else 0, 1)
-    win_w = max(int((w_hi - w_lo).amax()) if len(rois) else 0, 1)
-    rows = h_lo[:, :, None] + torch.arange(win_h, device=input.device)  # (K, out_h, win_h)
-    cols = w_lo[:, :, None] + torch.arange(win_w, device=input.device)  # (K, out_w, win_w)
-    values = _pixel_rows(
-        input,
-        batch_idx,
-        rows.clamp(max=height - 1)[:, :, None, :, None],
-        cols.clamp(max=width - 1)[:, None, :, None, :],
-    )  # (K, out_h, out_w, win_h, win_w, C), channels last
-    in_bin = (rows < h_hi[:, :, None])[:, :, None, :, None] & (cols < w_hi[:, :, None])[:, None, :, None, :]
-    values = values.masked_fill(~in_bin[..., None], float("-inf")).flatten(3, 4)  # (K, oh, ow, win, C)
+    # Every bin is a window of (h_hi - h_lo) x (w_hi - w_lo) cells whose top-left cell is
+    # (h_lo, w_lo). Bins come in only a few sizes (edges round outwards, so a box has one or two
+    # bin sizes per axis): for each size, read the cells of all the bins of that size at once and
+    # take their maximum. No loop over boxes or bins, and no cell is read that is not in its bin.
+    bin_h = (h_hi - h_lo)[:, :, None].expand(-1, -1, out_w).reshape(-1)  # (K*out_h*out_w,)
+    bin_w = (w_hi - w_lo)[:, None, :].expand(-1, out_h, -1).reshape(-1)
+    empty = (bin_h <= 0) | (bin_w <= 0)  # a bin entirely off the map is 0, as in the reference kernel
+    bin_h, bin_w = bin_h.clamp(min=1), bin_w.clamp(min=1)
+    top = h_lo[:, :, None].expand(-1, -1, out_w).reshape(-1).clamp(max=height - 1)
+    left = w_lo[:, None, :].expand(-1, out_h, -1).reshape(-1).clamp(max=width - 1)
+    image = batch_idx[:, None].expand(-1, out_h * out_w).reshape(-1)
 
-    # max returns the first maximum in row-major order, the cell the reference kernel picks, and
-    # its backward sends the gradient to that cell only.
-    pooled = values.max(dim=3).values  # (K, out_h, out_w, C)
-    empty = (h_hi <= h_lo)[:, :, None] | (w_hi <= w_lo)[:, None, :]  # (K, out_h, out_w)
-    return pooled.masked_fill(empty[..., None], 0.0).permute(0, 3, 1, 2)  # (K, C, out_h, out_w)
+    # Sort the bins by size, so that each size is one slice of them.
+    size_code = bin_h * (width + 1) + bin_w
+    order = torch.argsort(size_code)
+    counts = torch.unique_consecutive(size_code[order], return_counts=True)[1].tolist()
+    channels = input.shape[1]
+    # Channels last: each cell read below is one contiguous row of C values (see _pixel_rows).
+    table = input.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C)
+    channel = torch.arange(channels, device=input.device)
+    parts = [torch.zeros((0, channels), dtype=torch.long, device=input.device)]
+    for which in order.split(counts):
+        size_h, size_w = int(bin_h[which[0]]), int(bin_w[which[0]])
+        rows = top[which, None, None] + torch.arange(size_h, device=input.device)[:, None]  # (n, size_h, 1)
+        cols = left[which, None, None] + torch.arange(size_w, device=input.device)  # (n, 1, size_w)
+        flat = ((image[which, None, None] * height + rows) * width + cols).view(len(which), -1)  # (n, size_h*size_w)
+        with torch.no_grad():  # find the maximum cells ...
+            cells = table.index_select(0, flat.view(-1)).view(len(which), size_h * size_w, channels)
+            best = flat.gather(1, _first_max(cells))  # (n, C): the table row of each channel's maximum
+        parts.append(best * channels + channel)  # ... their positions in the flattened table
+    where = parts[0].new_empty((len(order), channels)).index_copy_(0, order, torch.cat(parts))
+    # Read the maximum cells (in bin order): the gradient flows back through this read to them only.
+    pooled = table.reshape(-1).gather(0, where.view(-1)).view(-1, channels)  # (K*out_h*out_w, C)
+    pooled = pooled.masked_fill(empty[:, None], 0.0).view(len(rois), out_h, out_w, channels)
+    return pooled.permute(0, 3, 1, 2)  # (K, C, out_h, out_w)
 
 
 # ----------------------------------------------------------------------------- bilinear sampling
@@ -271,30 +306,23 @@ def _bilinear(input: Tensor, batch_idx: Tensor, y_axis, x_axis) -> Tensor:
 # ----------------------------------------------------------------------------- RoI Align
 
 
-def _sample_points(start: Tensor, bin_size: Tensor, bins: int, grid: int) -> Tensor:
-    """Coordinates of ``grid`` evenly spaced points inside each of ``bins`` bins.
+def _interpolation_matrix(start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, size: int) -> Tensor:
+    """RoI Align along one axis as a matrix: ``(K, bins, size)``, row ``p`` of RoI ``k`` holds the
+    weight of every cell in bin ``p``'s value: the mean of its ``grid[k]`` bilinear reads.
 
-    ``start, bin_size: (K,)`` -> ``(K, bins, grid)``; point ``i`` of bin ``p`` sits at
-    ``start + p * bin_size + (i + 0.5) * bin_size / grid`` (centres of ``grid`` equal sub-bins).
+    ``start, bin_size: (K,)`` in cells, ``grid: (K,)`` points per bin. Point ``i`` of bin ``p`` sits
+    at ``start + p * bin_size + (i + 0.5) * bin_size / grid`` (centres of ``grid`` equal sub-bins);
+    RoIs with fewer points than the largest grid give their extra points weight 0.
     """
+    points = int(grid.max()) if len(grid) else 1
     p = torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None]
-    i = torch.arange(grid, device=start.device, dtype=start.dtype)[None, None, :]
-    s, b = start[:, None, None], bin_size[:, None, None]
-    return s + p * b + (i + 0.5) * b / grid
-
-
-def _align_sums(
-    input: Tensor, rois: Tensor, starts: Tensor, bin_sizes: Tensor, out_hw: tuple[int, int], grid: tuple[int, int]
-) -> Tensor:
-    """Sum of the ``grid`` sample points in every bin, for RoIs sharing one grid -> ``(K, C, out_h, out_w)``.
-
-    ``starts, bin_sizes: (K, 2)`` as ``(x, y)`` in cells.
-    """
-    height, width = input.shape[-2:]
-    ys = _sample_points(starts[:, 1], bin_sizes[:, 1], out_hw[0], grid[0])  # (K, out_h, G_h)
-    xs = _sample_points(starts[:, 0], bin_sizes[:, 0], out_hw[1], grid[1])  # (K, out_w, G_w)
-    samples = _bilinear(input, rois[:, 0].long(), _align_axis(ys, height), _align_axis(xs, width))
-    return samples.sum(dim=(-2, -1))
+    i = torch.arange(points, device=start.device, dtype=start.dtype)[None, None, :]
+    s, b, g = start[:, None, None], bin_size[:, None, None], grid.to(start.dtype)[:, None, None]
+    low, high, w_low, w_high = _align_axis(s + p * b + (i + 0.5) * b / g, size)  # (K, bins, points)
+    share = (i < g).to(start.dtype) / g  # each point's share of the bin's mean; 0 beyond the grid
+    matrix = start.new_zeros((len(grid), bins, size))
+    matrix.scatter_add_(2, low, w_low * share)
+    return matrix.scatter_add_(2, high, w_high * share)
 
 
 def roi_align(
@@ -339,23 +367,34 @@ def roi_align(
         grid = torch.ceil(sizes / torch.tensor([out_w, out_h], dtype=sizes.dtype, device=sizes.device)).long()
     # A box of no size (possible with aligned=True) has an empty grid: its bins are 0. Sampling it
     # with one point and weighting by 0 keeps one code path and zero gradient.
-    nonempty = (grid > 0).all(dim=1)
+    nonempty = (grid > 0).all(dim=1).to(input.dtype)
     grid = grid.clamp(min=1)
-    weight = nonempty.to(input.dtype) / grid.prod(dim=1).to(input.dtype)  # (K,) 1 / points per bin
 
-    if sampling_ratio > 0 or len(rois) == 0:
-        g = max(sampling_ratio, 1)
-        sums = _align_sums(input, rois, starts, bin_sizes, (out_h, out_w), (g, g))
-    else:
-        # Adaptive grids differ between RoIs, and a tensor needs one shape: sample each group of
-        # RoIs sharing a grid together, then put the rows back in RoI order.
-        parts, order = [], []
-        for g_w, g_h in grid.unique(dim=0).tolist():
-            idx = torch.where((grid[:, 0] == g_w) & (grid[:, 1] == g_h))[0]
-            parts.append(_align_sums(input, rois[idx], starts[idx], bin_sizes[idx], (out_h, out_w), (g_h, g_w)))
+    # Bilinear interpolation and the mean over a bin's points are linear and separable in y and
+    # x, so every bin is a weighted sum of the map: out[k] = Wy[k] @ input[n_k] @ Wx[k]^T, with
+    # Wy: (out_h, H) and Wx: (out_w, W) small dense matrices (``_interpolation_matrix``). Two
+    # matrix products per image, no loop over boxes, and autograd gives the exact gradient.
+    height, width = input.shape[-2:]
+    w_y = _interpolation_matrix(starts[:, 1], bin_sizes[:, 1], grid[:, 1], out_h, height)  # (K, out_h, H)
+    w_x = _interpolation_matrix(starts[:, 0], bin_sizes[:, 0], grid[:, 0], out_w, width)  # (K, out_w, W)
+    w_y = w_y * nonempty[:, None, None]
+    image = rois[:, 0].long()
+    channels = input.shape[1]
+    parts, order = [input[:0, :, :1, :1].expand(0, -1, out_h, out_w)], []  # (an empty part keeps K = 0 in the graph)
+    for n in range(input.shape[0]):  # the images of the batch, not the boxes
+        idx = torch.where(image == n)[0]
+        if len(idx):
+            k = len(idx)
+            # rows: (k*out_h, H) @ (H, C*W) -> every bin row of every box, all channels and columns
+            rows = w_y[idx].reshape(k * out_h, height) @ input[n].transpose(0, 1).reshape(height, channels * width)
+            # columns, box by box: (k, out_h*C, W) @ (k, W, out_w) -> (k, out_h, C, out_w)
+            pooled = torch.bmm(rows.view(k, out_h * channels, width), w_x[idx].transpose(1, 2))
+            parts.append(pooled.view(k, out_h, channels, out_w).transpose(1, 2))  # (k, C, out_h, out_w)
             order.append(idx)
-        sums = torch.cat(parts)[torch.argsort(torch.cat(order))]
-    return sums * weight[:, None, None, None]
+    out = torch.cat(parts)
+    if order and not torch.equal(torch.cat(order), torch.arange(len(rois), device=image.device)):
+        out = torch.zeros_like(out).index_copy(0, torch.cat(order), out)  # back in RoI order
+    return out
 
 
 # ----------------------------------------------------------------------------- crop and resize

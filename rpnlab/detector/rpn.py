@@ -334,8 +334,10 @@ class RegionProposalNetwork(nn.Module):
         cfg = self.config
         # The whole batch at once (rpnlab.detector.targets); matching.label_anchors_batch and
         # BalancedSampler(draw="keys") are the per-image versions that give the same result.
+        # One level's anchors form a grid: the IoU then comes from separable x/y overlaps.
+        grid = tuple(feature_sizes[0]) if len(feature_sizes) == 1 else None
         labels, matched_gt_boxes = label_anchors_batched(
-            anchors, gt_boxes, self.matcher, image_sizes, cfg.ignore_cross_boundary
+            anchors, gt_boxes, self.matcher, image_sizes, cfg.ignore_cross_boundary, grid=grid
         )  # (B, A), (B, A, 4)
         pos_mask, neg_mask = self.sampler.sample_batch(labels)
         sampled_labels = torch.where(pos_mask, 1.0, torch.where(neg_mask, 0.0, -1.0)).to(

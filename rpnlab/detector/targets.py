@@ -14,6 +14,11 @@ anchors), so here the ground truth of every image is padded to ``(B, M_max, 4)``
    can never claim);
 4. the matched boxes are one gather.
 
+When the anchors are one level's grid (``grid=(H, W)``, as the RPN passes them), step 1 uses
+that an anchor's x extent depends only on its column and shape and its y extent only on its row
+and shape: the overlap widths are a ``(B, M, W, k)`` tensor, the heights ``(B, M, H, k)``, and
+the intersections one broadcast product of the two (``_GridAnchors``), same values, fewer passes.
+
 It is done in one pass when ``B x M_max x A`` fits ``max_iou_values`` and otherwise in groups of
 images that fit (an image that does not fit alone goes to the chunked per-image path, which
 computes the IoU twice but never holds it). No step reads a value back to the host, so on a GPU
@@ -100,13 +105,61 @@ def _iou_into(out: Tensor, gt, anchors: Tensor, area_a: Tensor) -> None:
     torch.div(inter, union.clamp_(min=torch.finfo(inter.dtype).tiny), out=out)
 
 
-def _match_tiled(matcher: Matcher, gt: Tensor, valid: Tensor, anchors: Tensor, tile_values: int) -> Tensor:
+class _GridAnchors:
+    """Anchors laid out as a grid, ``(H, W, k)`` row by row (``AnchorGenerator``'s order for one
+    level): an anchor's x1, x2 depend only on its column and shape, y1, y2 only on its row and
+    shape. The width of its overlap with a box is then one of ``W x k`` values and the height
+    one of ``H x k``, so the ``(B, M, A)`` intersections are one product of a ``(B, M, H, 1, k)``
+    and a ``(B, M, 1, W, k)`` tensor: the IoU in about a third of the passes over memory.
+    """
+
+    def __init__(self, anchors: Tensor, grid: tuple[int, int]):
+        h, w = grid
+        a = anchors.shape[0]
+        if h <= 0 or w <= 0 or a % (h * w):
+            raise ValueError(f"grid {grid} does not divide the {a} anchors into rows x columns x shapes")
+        k = a // (h * w)
+        cells = anchors.view(h, w, k, 4)
+        x, y = cells[..., 0::2], cells[..., 1::2]
+        if not (torch.equal(x, x[:1].expand_as(x)) and torch.equal(y, y[:, :1].expand_as(y))):
+            raise ValueError(
+                f"anchors are not a {h} x {w} grid of {k} shapes in row-major order (AnchorGenerator's, one level)"
+            )
+        self.h, self.w, self.k = h, w, k
+        self.x = x[0]  # (W, k, 2): x1, x2
+        self.y = y[:, 0]  # (H, k, 2): y1, y2
+        self.area = _area(anchors)  # (A,)
+
+    def overlaps(self, gt) -> tuple[Tensor, Tensor]:
+        """Intersection heights ``(B, M, H, 1, k)`` and widths ``(B, M, 1, W, k)`` with ``_corners``."""
+        gx1, gy1, gx2, gy2, _ = (t[..., None, None] for t in gt)  # (B, M, 1, 1, 1)
+        w = torch.minimum(self.x[..., 1], gx2) - torch.maximum(self.x[..., 0], gx1)  # (B, M, 1, W, k)
+        h = torch.minimum(self.y[..., 1], gy2) - torch.maximum(self.y[..., 0], gy1)  # (B, M, 1, H, k)
+        return h.clamp_(min=0).transpose(2, 3), w.clamp_(min=0)
+
+    def iou_rows_into(self, out: Tensor, gt, heights: Tensor, widths: Tensor, rows: slice) -> None:
+        """``_iou_into`` for anchor rows ``rows`` (anchors ``rows.start*W*k`` ... ): ``out: (B, M, T)``."""
+        b, m = out.shape[:2]
+        inter = torch.mul(heights[:, :, rows], widths, out=out.view(b, m, -1, self.w, self.k))  # box_iou's w * h
+        tile = slice(rows.start * self.w * self.k, rows.stop * self.w * self.k)
+        union = torch.add(self.area[tile], gt[4])  # area_a + area_g, as box_iou
+        union -= out
+        torch.div(out, union.clamp_(min=torch.finfo(out.dtype).tiny), out=out)
+        del inter
+
+
+def _match_tiled(
+    matcher: Matcher, gt: Tensor, valid: Tensor, anchors: Tensor, tile_values: int,
+    grid: _GridAnchors | None = None, inside: Tensor | None = None,
+) -> Tensor:
     """``gt: (B, M, 4)``, ``valid: (B, M)``, ``anchors: (1 or B, A, 4)`` -> ``matched_idxs: (B, A)``.
 
     The IoU is computed once, tile by tile of anchors (``B x M x tile`` about ``tile_values``
     values, so the temporaries stay in cache), into one ``(B, M, A)`` buffer; the per-anchor
     maxima are taken per tile, the per-gt maxima accumulated over tiles, and the low-quality ties
-    are found in a second sweep over the stored values (no recomputation).
+    are found in a second sweep over the stored values (no recomputation). With ``grid`` (the
+    anchors' grid layout) the tiles are whole rows of the grid and the IoU is computed from
+    separable overlaps; ``inside: (B, A)`` then sets the IoU of anchors outside the image to 0.
     """
     b, m = gt.shape[:2]
     a = anchors.shape[1]
@@ -117,6 +170,11 @@ def _match_tiled(matcher: Matcher, gt: Tensor, valid: Tensor, anchors: Tensor, t
     corners = _corners(gt)
     area_a = _area(anchors)[:, None, :]  # (1 or B, 1, A)
     tile = max(64, tile_values // (b * m))
+    if grid is not None:
+        row = grid.w * grid.k
+        rows_per_tile = max(1, tile // row)
+        tile = rows_per_tile * row
+        heights, widths = grid.overlaps(corners)
     iou = gt.new_empty((b, m, a))
     best_quality = gt.new_empty((b, a))
     best_gt = torch.empty((b, a), dtype=torch.int64, device=gt.device)
@@ -124,7 +182,12 @@ def _match_tiled(matcher: Matcher, gt: Tensor, valid: Tensor, anchors: Tensor, t
     for s in range(0, a, tile):
         e = min(a, s + tile)
         out = iou[:, :, s:e]
-        _iou_into(out, corners, anchors[:, s:e], area_a[..., s:e])
+        if grid is None:
+            _iou_into(out, corners, anchors[:, s:e], area_a[..., s:e])
+        else:
+            grid.iou_rows_into(out, corners, heights, widths, slice(s // row, e // row))
+            if inside is not None:
+                out.masked_fill_(~inside[:, None, s:e], 0.0)  # as an anchor shrunk to a point
         torch.max(out, dim=1, out=(best_quality[:, s:e], best_gt[:, s:e]))
         torch.maximum(best_for_gt, out.amax(dim=2), out=best_for_gt)
     matches = matcher._threshold(best_quality, best_gt)
@@ -139,7 +202,7 @@ def _match_tiled(matcher: Matcher, gt: Tensor, valid: Tensor, anchors: Tensor, t
     return torch.where(claimed, best_gt, matches)
 
 
-def _label_group(anchors, gt_boxes_list, matcher, image_sizes, ignore_cross_boundary, tile_values):
+def _label_group(anchors, gt_boxes_list, matcher, image_sizes, ignore_cross_boundary, tile_values, grid=None):
     gt, valid = pad_boxes(gt_boxes_list, dtype=anchors.dtype, device=anchors.device)
     match_anchors = anchors
     inside = None
@@ -151,11 +214,12 @@ def _label_group(anchors, gt_boxes_list, matcher, image_sizes, ignore_cross_boun
             & (anchors[None, :, 2] <= hw[:, 1:2])
             & (anchors[None, :, 3] <= hw[:, 0:1])
         )  # (B, A)
-        point = anchors[:, :2].repeat(1, 2)  # outside anchors shrink to a point: IoU 0 with all
-        match_anchors = torch.where(inside[..., None], anchors[None], point[None])  # (B, A, 4)
+        if grid is None:
+            point = anchors[:, :2].repeat(1, 2)  # outside anchors shrink to a point: IoU 0 with all
+            match_anchors = torch.where(inside[..., None], anchors[None], point[None])  # (B, A, 4)
     if match_anchors.dim() == 2:
         match_anchors = match_anchors[None]
-    matched = _match_tiled(matcher, gt, valid, match_anchors, tile_values)  # (B, A)
+    matched = _match_tiled(matcher, gt, valid, match_anchors, tile_values, grid, inside)  # (B, A)
     labels = (matched >= 0).to(anchors.dtype)
     ignored = matched == Matcher.BETWEEN_THRESHOLDS
     if inside is not None:
@@ -177,6 +241,7 @@ def label_anchors_batched(
     ignore_cross_boundary: bool = False,
     max_iou_values: int = DEFAULT_MAX_IOU_VALUES,
     tile_values: int = DEFAULT_TILE_VALUES,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``matching.label_anchors_batch`` for the whole batch at once (same arguments, same results).
 
@@ -189,6 +254,9 @@ def label_anchors_batched(
             per-image path.
         tile_values: about how many IoU values are computed at a time (a tile of anchors for
             all the group's boxes): small enough for the temporaries to stay in cache.
+        grid: ``(H, W)`` when the anchors are one level's grid, ``H x W`` locations of ``k``
+            shapes in ``AnchorGenerator``'s order (checked): the IoU is then computed from
+            separable x and y overlaps, about twice as fast, with the same values.
     Returns:
         ``labels: (B, A)`` 1/0/-1 and ``matched_gt_boxes: (B, A, 4)``, in the anchors' dtype.
     """
@@ -213,6 +281,12 @@ def label_anchors_batched(
     b, a = len(gt_boxes_list), anchors.shape[0]
     if b == 0:
         return anchors.new_zeros((0, a)), anchors.new_zeros((0, a, 4))
+    if grid is not None and not (
+        isinstance(grid, (tuple, list)) and len(grid) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+    ):
+        raise ValueError(f"grid must be (H, W), two positive ints, got {grid!r}")
+    layout = None if grid is None else _GridAnchors(anchors, tuple(grid))
 
     # Greedy groups of consecutive images whose padded IoU tensor fits the budget.
     labels, matched, group = [], [], []
@@ -221,7 +295,7 @@ def label_anchors_batched(
         if group:
             sizes = None if image_sizes is None else [image_sizes[i] for i in group]
             lab, box = _label_group(anchors, [gt_boxes_list[i] for i in group], matcher, sizes,
-                                    ignore_cross_boundary, tile_values)
+                                    ignore_cross_boundary, tile_values, layout)
             labels.append(lab)
             matched.append(box)
             group.clear()
