@@ -263,6 +263,70 @@ def _one_roi(clock: Clock, device, k: int) -> list[dict]:
     return rows
 
 
+def bench_detector(clock: Clock, device, quick: bool) -> list[dict]:
+    """The whole detector, training step and inference, with torchvision's own weights.
+
+    rpnlab's model is ``FasterRCNN.from_torchvision(tv)``: the same backbone, FPN and head
+    weights, rpnlab's anchors, RPN targets, proposal layer, RoI pooling and post-processing.
+    Image sides are multiples of 64 so both compute the same anchors (``torchvision_models``'
+    docstring); torchvision's transform is set to scale 1 (no resampling). Inference is checked to
+    give the same detections; a training step cannot give the same losses (the samplers draw
+    different anchors and RoIs), so there the check is that both losses are finite.
+    """
+    settings = [("fasterrcnn_mobilenet_v3_large_320_fpn", 320, 320, 2)]
+    if not quick:
+        settings.append(("fasterrcnn_resnet50_fpn", 576, 1024, 2))  # the paper's ~600 x 1000 scale
+    # These steps take seconds each: a few interleaved repeats give a stable median.
+    few = Clock(device, min(clock.repeats, 3 if quick else 5), warmup=1)
+    return [row for setting in settings for row in _one_detector(few, device, *setting)]
+
+
+def _one_detector(clock: Clock, device, name: str, h: int, w: int, b: int) -> list[dict]:
+    from rpnlab.detector.model import FasterRCNN
+    from rpnlab.detector.torchvision_models import torchvision_detector
+
+    torch.manual_seed(0)
+    tv = torchvision_detector(name, num_classes=5).to(device)
+    tv.transform.min_size, tv.transform.max_size = (min(h, w),), max(h, w)
+    ours = FasterRCNN.from_torchvision(tv).to(device)
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(b, 3, h // 16, w // 16, generator=g)
+    images = [torch.nn.functional.interpolate(x[None], size=(h, w), mode="bilinear")[0].to(device) for x in base]
+    targets = [
+        {"boxes": gt, "labels": torch.randint(1, 5, (len(gt),), generator=g).to(device)}
+        for gt in random_gt(b, 5, g, device)
+    ]
+    for t in targets:
+        t["boxes"] = t["boxes"] * torch.tensor([w / IMAGE[1], h / IMAGE[0]] * 2, device=device)
+
+    def train_step(model):
+        model.train()
+        losses = model(images, targets)
+        total = sum(losses.values())
+        total.backward()
+        model.zero_grad(set_to_none=True)
+        return float(total)
+
+    def infer(model):
+        model.eval()
+        with torch.no_grad():
+            return model(images)
+
+    rows = []
+    same = all(torch.isfinite(torch.tensor(train_step(m))) for m in (ours, tv))
+    times = clock.run({"rpnlab": lambda: train_step(ours), "torchvision": lambda: train_step(tv)})
+    rows.append(_row(f"whole training step ({name})", f"B={b} {h}x{w}", times, same, "same weights; losses finite"))
+    a, r = infer(ours), infer(tv)
+    same = all(
+        x["boxes"].shape == y["boxes"].shape and torch.allclose(x["boxes"], y["boxes"], atol=1e-3)
+        and torch.equal(x["labels"], y["labels"])
+        for x, y in zip(a, r)
+    )
+    times = clock.run({"rpnlab": lambda: infer(ours), "torchvision": lambda: infer(tv)})
+    rows.append(_row(f"inference ({name})", f"B={b} {h}x{w}", times, same, "same detections"))
+    return rows
+
+
 def bench_amp(clock: Clock, device, quick: bool) -> list[dict]:
     """The RPN head + loss under autocast, against the same in float32 (rpnlab only)."""
     from rpnlab.config import RPNConfig
@@ -304,6 +368,7 @@ TABLES = {
     "sampling": bench_sampling,
     "proposals": bench_proposals,
     "roi": bench_roi,
+    "detector": bench_detector,
 }
 
 
