@@ -112,12 +112,17 @@ def load_image(
                 request = _reduced_request(width, height, min_size, max_size)
                 if request[0] * 2 <= width and request[1] * 2 <= height:
                     image.draft("RGB", request)
-            tensor = pil_to_tensor(image)
+            if target is None:
+                tensor = pil_to_tensor(image)
+            else:  # resized in uint8: no float copy of the full-size image (4 bytes a value)
+                pixels = torch.from_numpy(np.array(pil_to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
     if target is not None:
-        tensor = resize_like_transform(tensor, target)
-        cache.put(path, target, tensor)
+        del image  # PIL's full-size buffer, before the resize allocates
+        pixels = resize_like_transform(pixels, target)
+        cache.put(path, target, pixels)
+        tensor = pixels.float().div_(255.0)
     return (tensor, (height, width)) if with_file_size else tensor
 
 
