@@ -9,7 +9,8 @@ in a fresh process:
 
 * ``decode``: read every image through the VOC dataset with the resize of ``--min-size`` /
   ``--max-size``, twice (epoch 1, epoch 2: what the cache changes), in ms per sample;
-* ``train``: a few iterations of the small backbone at each ``--batch-sizes`` on the JPEGs.
+* ``train``: a few iterations of ``--preset photos`` (the small backbone) at each ``--batch-sizes``
+  on the JPEGs.
 
 Loaders: ``full`` (every pixel decoded, as before issue 9), ``draft`` (JPEG's reduced DCT decode,
 ``Image.draft``; PNG has none) and ``cache`` (reduced decode, then the resized image is kept in a
@@ -110,12 +111,14 @@ def _child(mode: str, loader: str, root: str, min_size: int, max_size: int, iter
             result.update(images=len(dataset), seconds_per_image=seconds, decoded_size=f"{decoded[2]}x{decoded[1]}",
                           sample_size=f"{image.shape[2]}x{image.shape[1]}")
         else:
-            from rpnlab.config import TrainConfig
-            from rpnlab.detector.model import synthetic_model_config
+            import dataclasses
 
-            model_cfg = synthetic_model_config(num_classes=dataset.num_classes)
-            train_cfg = TrainConfig(epochs=1000, batch_size=batch, lr=0.01, warmup_iters=0, device="cpu",
-                                    max_iters=iters, out_dir=tempfile.mkdtemp(), checkpoint_every=1000)
+            from rpnlab.engine.presets import photos_configs
+
+            model_cfg, _, train_cfg = photos_configs()  # the small backbone as --preset photos builds it
+            model_cfg = dataclasses.replace(model_cfg, num_classes=dataset.num_classes)
+            train_cfg = dataclasses.replace(train_cfg, batch_size=batch, device="cpu", max_iters=iters,
+                                            out_dir=tempfile.mkdtemp(), checkpoint_every=1000)
             start = time.perf_counter()
             Trainer(model_cfg, cfg, train_cfg, progress=False, train_dataset=dataset).run()
             result.update(iterations=iters, batch=batch, seconds_per_iter=(time.perf_counter() - start) / iters)
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
         print(f"| {r['images']} {r['kind']}s | {LOADERS[r['loader']]} | {1000 * s1:.0f} | {1000 * s2:.0f} | "
               f"{r['decoded_size']} | {r['peak']['rss_mb']:.0f} | {r['peak']['anon_mb']:.0f} |")
     if train_rows:
-        print(f"\n| small backbone, {args.train_iters} training iterations, resize {args.min_size}/{args.max_size} "
+        print(f"\n| --preset photos (small backbone), {args.train_iters} training iterations, resize {args.min_size}/{args.max_size} "
               "| loader | s/iter | peak RSS MB (total) | peak RssAnon MB | peak RssFile MB | RssAnon above imports |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for r in train_rows:
