@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CocoDetection
 
 from rpnlab.data.annotations import BoxPolicy, make_target
+from rpnlab.data.imagecache import ResizedImageCache, resolve_image_cache
 from rpnlab.data.imageio import load_annotated_image, read_image_size
 
 __all__ = ["COCODataset"]
@@ -91,6 +92,10 @@ class COCODataset(Dataset):
             the file does not have is a ``ValueError`` listing the names it has.
         unknown_classes: ``"skip"`` annotations of other categories, or ``"raise"`` a
             ``ValueError`` naming them (a model's classes must cover the data it is scored on).
+        image_cache: ``"default"`` (``default_image_cache()``: on, in ``data/cache/resized``
+            unless ``RPNLAB_IMAGE_CACHE`` says otherwise), a ``ResizedImageCache`` or a folder
+            for one, or ``None``: where large images are kept resized after their first decode
+            (``rpnlab.data.imagecache``).
 
     ``target["image_id"]`` is the COCO image id, as COCO evaluation wants it. Images without
     annotations are kept (``boxes`` of shape ``(0, 4)``).
@@ -106,6 +111,7 @@ class COCODataset(Dataset):
         crowd: str = "skip",
         classes: Sequence[str] | None = None,
         unknown_classes: str = "skip",
+        image_cache: ResizedImageCache | None | str = "default",
     ):
         self.image_dir, self.ann_file = Path(image_dir).expanduser(), Path(ann_file).expanduser()
         if not self.ann_file.is_file():
@@ -118,6 +124,7 @@ class COCODataset(Dataset):
             )
         policy = BoxPolicy(on_invalid)
         self.transforms = transforms
+        self.image_cache = resolve_image_cache(image_cache)
         self.on_invalid = on_invalid
         self.crowd = crowd
         self.coco = _load_coco(
@@ -217,7 +224,8 @@ class COCODataset(Dataset):
         )
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        return load_annotated_image(self.image_path(index), self.get_target(index), str(self.ann_file), self.transforms)
+        return load_annotated_image(self.image_path(index), self.get_target(index), str(self.ann_file), self.transforms,
+                                    self.image_cache)
 
     def __repr__(self) -> str:
         return (

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import VOCDetection
 
 from rpnlab.data.annotations import AnnotationWarning, BoxPolicy, make_target
+from rpnlab.data.imagecache import ResizedImageCache, resolve_image_cache
 from rpnlab.data.imageio import load_annotated_image, read_image_size
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "parse_voc_xml", "resolve_voc_root", "voc_class_names", "voc_splits"]
@@ -208,6 +209,10 @@ class VOCDataset(Dataset):
         unknown_classes: ``"skip"`` objects whose name is not in ``classes`` (one summary
             warning) or ``"raise"`` a ``ValueError`` listing them (a model's classes must cover
             the data it is evaluated on).
+        image_cache: ``"default"`` (``default_image_cache()``: on, in ``data/cache/resized``
+            unless ``RPNLAB_IMAGE_CACHE`` says otherwise), a ``ResizedImageCache`` or a folder
+            for one, or ``None``: where large images are kept resized after their first decode
+            (``rpnlab.data.imagecache``).
 
     When ``classes`` matches none of the annotated objects, a ``ValueError`` says so and lists
     the names the annotations use: training on no boxes at all is never what was meant.
@@ -226,6 +231,7 @@ class VOCDataset(Dataset):
         on_invalid: str = "clip",
         year: str | int | None = None,
         unknown_classes: str = "skip",
+        image_cache: ResizedImageCache | None | str = "default",
     ):
         if unknown_classes not in ("skip", "raise"):
             raise ValueError(f"unknown_classes={unknown_classes!r} is invalid: expected 'skip' or 'raise'")
@@ -236,6 +242,7 @@ class VOCDataset(Dataset):
         self.root = resolve_voc_root(root, year)
         self.image_set = image_set
         self.transforms = transforms
+        self.image_cache = resolve_image_cache(image_cache)
         self.on_invalid = on_invalid
         self.image_ids = _read_image_set(self.root / "ImageSets" / "Main" / f"{image_set}.txt")
         self._label_of = {name: i + 1 for i, name in enumerate(self.classes)}
@@ -316,7 +323,8 @@ class VOCDataset(Dataset):
         )
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        return load_annotated_image(self.image_path(index), self.get_target(index), "its annotation", self.transforms)
+        return load_annotated_image(self.image_path(index), self.get_target(index), "its annotation", self.transforms,
+                                    self.image_cache)
 
     def __repr__(self) -> str:
         return f"VOCDataset(root={str(self.root)!r}, image_set={self.image_set!r}, images={len(self)}, classes={self.num_classes})"

@@ -48,14 +48,20 @@ def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, Tr
 def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
     """From scratch on a few hundred photos, when no pretrained weights are available.
 
-    The small backbone (GroupNorm: batches of 4 train like larger ones; inputs normalised with
-    the ImageNet mean and std inside the model, as always) at 320/512 px, stride 8; anchors of
-    32-256 px for objects that fill a good part of a photo; horizontal flips and a colour jitter
-    of +-30% (brightness, contrast, saturation: the lighting of a few hundred photos is not to be
-    learnt as a feature of the objects); a long cosine
-    schedule (60 epochs of ~200 images: about 3000 iterations) that ``--time-budget-s`` shortens
-    to fit. Expect much less than from ``--init torchvision:<name>``: 200 photos are few to learn
-    features from.
+    The small backbone (GroupNorm: a batch of 2 normalises like a larger one; inputs normalised
+    with the ImageNet mean and std inside the model, as always) at 320/512 px, stride 8; anchors
+    of 32-256 px for objects that fill a good part of a photo; horizontal flips and a colour
+    jitter of +-30% (brightness, contrast, saturation: the lighting of a few hundred photos is
+    not to be learnt as a feature of the objects); a long cosine schedule (60 epochs of ~200
+    images: about 6000 iterations) that ``--time-budget-s`` shortens to fit.
+
+    Batches of 2 at lr 0.01 (the rate per image of batch 4 at 0.02) keep the process under 1 GB:
+    measured with benchmarks/bench_decode.py (4000x3000 JPEGs, 6 iterations), peak resident
+    memory 952 MB at batch 2 against 1086 MB at batch 4; about 730 MB of either is importing
+    torch and torchvision (data/README.md, "Memory").
+
+    Expect much less than from ``--init torchvision:<name>``: 200 photos are few to learn features
+    from (benchmarks/bench_photos.py measures the presets and fine-tuning on a stand-in folder).
     """
     from rpnlab.detector.model import synthetic_model_config
 
@@ -65,5 +71,5 @@ def photos_configs() -> tuple[ModelConfig, DataConfig, TrainConfig]:
     model.rpn.pre_nms_top_n_train, model.rpn.post_nms_top_n_train = 2000, 500
     model.rpn.pre_nms_top_n_test, model.rpn.post_nms_top_n_test = 1000, 300
     data = DataConfig(min_size=320, max_size=512, hflip_prob=0.5, color_jitter=0.3)
-    train = TrainConfig(epochs=60, batch_size=4, lr=0.02, warmup_iters=100, lr_schedule="cosine")
+    train = TrainConfig(epochs=60, batch_size=2, lr=0.01, warmup_iters=100, lr_schedule="cosine")
     return model.validate(), data.validate(), train.validate()
