@@ -276,13 +276,15 @@ def _prepare() -> None:
 
     The one notebooks 05 and 07 share (05's defaults), and notebook 04's pair: the same RPN and
     its twin trained with the paper's loss normalisation (04's comparison)."""
+    import ast
+
     import papermill
 
     repo = Path(__file__).resolve().parents[2]
 
     def defaults(notebook: str, names: tuple[str, ...]) -> dict[str, Any]:
         declared = papermill.inspect_notebook(str(repo / "notebooks" / notebook))
-        return {name: json.loads(declared[name]["default"]) for name in names}
+        return {name: ast.literal_eval(declared[name]["default"]) for name in names}  # Python literals
 
     shared = defaults("05_proposals.ipynb", ("iterations", "num_images", "seed"))
     print(course_rpn(shared["iterations"], shared["num_images"], seed=shared["seed"], need_history=True).describe())
