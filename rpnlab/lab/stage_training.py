@@ -170,16 +170,18 @@ def course_rpn(iterations: int, num_images: int = 600, seed: int = 0, device: st
 
 
 @torch.no_grad()
-def frozen_rpn_proposals(model: nn.Module, images, train_counts: bool = True):
+def frozen_rpn_proposals(model: nn.Module, images, train_counts: bool = True, with_scores: bool = False):
     """Features and proposals of a model's backbone and RPN, without gradient.
 
     Args:
         model: an ``rpnlab.detector.model.FasterRCNN``; images: an ``ImageBatch`` or a list of ``(3, H, W)``.
         train_counts: use the proposal layer's training-time counts (``post_nms_top_n_train``, what
             Fast R-CNN trains on, as the paper's step 4) rather than the test-time ones.
+        with_scores: also return the proposals' objectness probabilities.
     Returns:
         ``features`` (list of ``(B, C, H, W)``), ``proposals`` (per image ``(P_i, 4)``),
-        ``image_sizes``. The model's train/eval state is left as it was.
+        ``image_sizes``, and with ``with_scores`` the ``scores`` (per image ``(P_i,)``). The model's
+        train/eval state is left as it was.
     """
     was_training = model.rpn.training
     x, sizes = model.prepare_images(images)
@@ -187,10 +189,12 @@ def frozen_rpn_proposals(model: nn.Module, images, train_counts: bool = True):
     model.rpn.eval()
     model.rpn.proposal_layer.train(train_counts)
     try:
-        proposals = model.rpn(features, sizes).proposals
+        out = model.rpn(features, sizes)
     finally:
         model.rpn.train(was_training)
-    return features, proposals, sizes
+    if with_scores:
+        return features, out.proposals, sizes, out.scores
+    return features, out.proposals, sizes
 
 
 def train_fast_rcnn_head(
