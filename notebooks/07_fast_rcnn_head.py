@@ -164,10 +164,12 @@ print(f"each image samples at most {batch_size_per_image} RoIs, so either way th
       f"from these candidates")
 
 # %% [markdown]
-# With `[0.1, 0.5)` the head sees only backgrounds next to objects (the parts and near misses
-# it must learn to reject) and never an empty patch; with `[0, 0.5)` most of its background
-# RoIs are easy, far-away ones when objects are few. The paper's rule costs a little when an
-# image has no candidate in `[0.1, 0.5)`: no background at all from it.
+# With `[0.1, 0.5)` the head sees only backgrounds that touch an object (the parts and near
+# misses it must learn to reject) and never an empty patch; `[0, 0.5)` also draws empty patches,
+# as many as there are among the candidates (the sampler draws uniformly; the share that touches
+# an object is printed). Our small images are crowded, so the two rules differ less here than
+# on large images with few objects, where empty patches can fill most of the draw. The paper's
+# rule has a cost: an image without a candidate in `[0.1, 0.5)` gives the head no background.
 #
 # ### Pitfall: passing only `p > 0.5` proposals to the head
 #
@@ -183,10 +185,14 @@ starvation = score_threshold_starvation(proposals, proposal_scores, [t["boxes"] 
 for name, r in (("all proposals", starvation["all"]), ("only p > 0.5", starvation["thresholded"])):
     print(f"{name:>14}: proposals per image {r['proposals']}, positives {r['positives']}; "
           f"gt boxes without a positive proposal: {r['gt_without_proposal']:.0%}")
+print("best objectness probability of each image's proposals:",
+      [round(s.max().item(), 3) if len(s) else None for s in proposal_scores])
 
 # %% [markdown]
-# The RPN's probabilities are not calibrated for this: it was trained on a balanced sample of
-# anchors, and a proposal that covers an object well can score below 0.5. The second stage is
+# The RPN's probabilities are not calibrated for this: it was trained on a sample of anchors
+# that is mostly negative (notebook 03), its objectness only has to *rank* the anchors of an
+# image, and a proposal that covers an object well can score below 0.5 (the best scores are
+# printed). The second stage is
 # there to judge the proposals; the first one's job is recall, so all of them go through (the
 # `score_thresh` of `RPNConfig`, 0 by default, exists for speed, not quality).
 #
