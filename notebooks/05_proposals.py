@@ -287,8 +287,8 @@ for name, rpn_cfg in (("RPNConfig defaults", RPNConfig()), ("course model preset
 # `post_nms_top_n x B` of the whole batch of `B` images instead keeps the same total, but an
 # image whose objects score high (many objects, easy ones) takes the slots of an image whose
 # objects score lower, which is then left with few proposals or none, so its objects get no RoI
-# in the head. Detectron (Caffe2) kept its FPN proposals per batch during training;
-# detectron2 made it per image and says so in its config. On a batch of 8 validation images, 10
+# in the head. Detectron (Caffe2) took the top-k of its FPN proposals per batch; detectron2 takes
+# it per image and says so next to `POST_NMS_TOPK_TRAIN` in its config. On a batch of 8 validation images, 10
 # proposals per image either way (`rpnlab.lab.pitfalls.topk_per_image_vs_batch`, after NMS):
 
 # %%
