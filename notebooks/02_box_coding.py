@@ -46,6 +46,7 @@ import math
 import torch
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 
+from rpnlab.data.synthetic import SHAPE_CLASSES
 from rpnlab.detector.boxes import (
     DEFAULT_BBOX_CLAMP,
     BoxCoder,
@@ -56,6 +57,7 @@ from rpnlab.detector.boxes import (
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.lab import records, widgets
 from rpnlab.lab.box_coding import plot_box_coding
+from rpnlab.lab.pitfalls import plus_one_convention, target_normalisation
 
 records.begin("02_box_coding", record_path)
 seed_everything(seed)
@@ -214,6 +216,64 @@ for name, c in (("weights (1, 1, 1, 1)", coder), (f"weights {tuple(head_weights)
     print(f"{name:>28}: spread of tx, ty, tw, th = {[round(v, 3) for v in spread.tolist()]}")
 
 # %% [markdown]
+# ### Pitfall: weights `(10, 10, 5, 5)` *are* target normalisation
+#
+# py-faster-rcnn encodes with weights 1 and then divides the targets by
+# `BBOX_NORMALIZE_STDS = (0.1, 0.1, 0.2, 0.2)` (means 0; `BBOX_NORMALIZE_TARGETS_PRECOMPUTED`);
+# torchvision and detectron2 fold the same division into the coder as weights `1 / std`. People
+# porting a model apply both (targets 100 times too large in x, 25 times in w) or neither. On
+# 2000 proposals jittered around boxes as above: the two are the same numbers (compared with
+# torchvision's `BoxCoder`), and leaving them out shrinks the box loss an untrained head starts
+# from (smooth L1 with torchvision's `beta = 1/9` of a zero prediction, per pair) by the factor
+# printed:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+g_norm = torch.Generator().manual_seed(seed)  # its own pairs, so the numbers do not depend on num_pairs
+pair_size = 8 + torch.rand(2000, 2, generator=g_norm) * 120
+gt_pairs = cxcywh_to_xyxy(torch.cat([torch.rand(2000, 2, generator=g_norm) * 512, pair_size], dim=1))
+jittered = gt_pairs + (torch.rand(2000, 4, generator=g_norm) - 0.5) * 0.3 * pair_size.repeat(1, 2)
+norm = target_normalisation(jittered, gt_pairs, tuple(head_weights))
+stds = tuple(round(1 / w, 3) for w in head_weights)
+print(f"torchvision BoxCoder(weights={tuple(head_weights)}) equals BoxCoder(1, 1, 1, 1) / std {stds} "
+      f"(largest difference < 1e-9): {norm['max_difference'] < 1e-9}")
+print(f"box loss of a zero prediction per pair: {norm['loss_raw']:.3f} without the weights, "
+      f"{norm['loss_weighted']:.3f} with them ({norm['loss_ratio']:.1f}x)")
+print(f"an untrained classifier's loss, log(C + 1) for the course's {len(SHAPE_CLASSES)} classes: "
+      f"{math.log(len(SHAPE_CLASSES) + 1):.3f}")
+
+# %% [markdown]
+# Without them the box term starts far below the classification loss of an untrained head
+# (both printed), and its targets sit in smooth L1's flat quadratic part, where the gradient is
+# as small as the error: the head learns to classify long before it learns to move its boxes.
+#
+# ### Pitfall: the +1 pixel convention
+#
+# Caffe-era code (py-faster-rcnn, the VOC devkit) counts pixels *inclusive*: a box `x1..x2`
+# covers pixels `x1` to `x2`, so its width is `x2 - x1 + 1`, two boxes sharing an edge overlap by a
+# pixel, and the box's centre is `x1 + 0.5 * width`. torchvision, detectron2 (since 2019) and
+# rpnlab use continuous coordinates: width `x2 - x1`. Mixing the two (annotations, IoU, or
+# trained targets from one, code from the other) makes no error; it moves numbers, and the
+# smaller the box, the more. Measured by `rpnlab.lab.pitfalls.plus_one_convention` for square
+# boxes: the IoU of a box with its copy moved 1 pixel, the `tw` target of the box on an anchor
+# twice its size, and the IoU with the box of what the +1 targets decode to under torchvision's
+# convention:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+plus_one = plus_one_convention(sizes=(4, 8, 16, 32, 64, 128))
+print(f"{'side':>5} {'IoU':>6} {'IoU +1':>7} {'tw':>7} {'tw +1':>7} {'mixed IoU':>9}")
+for row in plus_one["rows"]:
+    print(f"{row['size']:5.0f} {row['iou']:6.3f} {row['iou_plus_one']:7.3f} {row['tw']:7.3f} {row['tw_plus_one']:7.3f} "
+          f"{row['mixed_iou']:9.3f}")
+
+# %% [markdown]
+# Both gaps shrink as the box grows: a pixel is a large share of a small box and nothing of a
+# large one, so a convention mix-up that is invisible on VOC's 100-pixel objects shows on our
+# small shapes (notebook 00 printed their sizes) and on small objects in general. Pick one
+# convention for the data, the IoU and the coder; rpnlab's VOC reader converts the XML's
+# inclusive, 1-based pixels to continuous coordinates once, on loading.
+#
 # ## Check against torchvision
 #
 # torchvision's `BoxCoder.encode_single(reference_boxes, proposals)` takes the *target* boxes
@@ -242,4 +302,7 @@ records.record("roundtrip_error_float64", errors["torch.float64"])
 records.record("slip_tx", tx_slip)
 records.record("slip_iou", slip_iou)
 records.record("clamped_width_px", decoded_wild[2] - decoded_wild[0])
+records.record("weights_equal_normalised_targets", norm["max_difference"] < 1e-9)
+records.record("box_loss_ratio_with_weights", norm["loss_ratio"])
+records.record("plus_one_iou_gap_at_8px", next(r["iou_plus_one"] - r["iou"] for r in plus_one["rows"] if r["size"] == 8))
 records.save_record();

@@ -33,16 +33,14 @@ record_path: str = ""  # JSON file for the key figures; empty: runs/records/04_r
 objectness: str = "sigmoid"  # objectness of the trained RPN: "sigmoid" (k scores) or "softmax" (2k scores)
 loss_normalization: str = "sampled"  # loss weighting of the main run: "sampled" (torchvision's) or "paper" (1/N_cls, lambda/N_reg)
 compare_normalizations: bool = True  # also train with the other weighting, for the comparison at the end
-iterations: int = 250  # SGD steps of each training run
+iterations: int = 250  # SGD steps of each training run (250, with the defaults below: the course RPN, cached)
 batch_size: int = 8  # images per SGD step
 num_images: int = 600  # training images (the synthetic train split has 600)
 num_val_images: int = 150  # validation images the proposals are scored on
-checkpoint_dir: str = ""  # folder for the trained RPNs' checkpoints; empty: 04_rpn_checkpoints/ next to the record
+checkpoint_dir: str = ""  # cache folder of the trained RPNs (reused when the settings match); empty: the course cache (data/cache/course)
 
 # %%
 # %matplotlib inline
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -53,13 +51,14 @@ from rpnlab.detector.rpn import RPNHead, flatten_head_outputs
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.engine.train import RPN_LOSSES
 from rpnlab.lab import records
+from rpnlab.lab.course import course_setup, departures, setup_of
 from rpnlab.lab.figures import plot_loss_curves
 from rpnlab.lab.proposals import plot_proposals, recall_by_setting, rpn_outputs
 from rpnlab.lab.reference import torchvision_rpn, torchvision_rpn_forward
 from rpnlab.lab.rpn import plot_objectness_forms, plot_smooth_l1, plot_softmax_reshape
-from rpnlab.lab.stage_training import train_rpn
+from rpnlab.lab.stage_training import course_rpn
 
-record_file = records.begin("04_rpn_head_losses", record_path)
+records.begin("04_rpn_head_losses", record_path)
 seed_everything(seed)
 dev = resolve_device(device)
 if smoke:
@@ -70,6 +69,17 @@ model_cfg = synthetic_model_config(train_set.num_classes)
 model = FasterRCNN.from_config(model_cfg).to(dev).train()
 images, targets = collate([train_set[i] for i in range(2)])
 images, gt_boxes = images.to(dev), [t["boxes"].to(dev) for t in targets]
+
+# %% [markdown]
+# ## The course setup
+#
+# The anchors and the anchor sampling of notebooks 01 and 03 are those of the detector trained
+# from here on (`synthetic_model_config`); a notebook that departs from them says so here.
+
+# %%
+course = course_setup()
+print(course.describe())
+print("\n".join(departures(course, vars(setup_of(model_cfg)))) or "this notebook: the course setup, unchanged")
 
 # %% [markdown]
 # ## Shapes through the head
@@ -264,15 +274,22 @@ print("proposals of both images match torchvision's: True")
 # Backbone + RPN, trained from scratch with SGD (`rpnlab.engine.train.train(schedule="rpn")`, through
 # `rpnlab.lab.stage_training.train_rpn`), no Fast R-CNN head. With `compare_normalizations` a
 # second run uses the other loss weighting, everything else equal.
+#
+# Each run is kept in the course cache (`course_rpn`), keyed by its settings: with the default
+# parameters the first run *is* the course RPN that notebooks 05 and 07 use, and `make prepare`
+# trains both runs ahead of a workshop. A run the cache lacks is trained here; the cell says
+# which happened and how long the training took (then or now).
 
 # %%
 other = {"paper": "sampled", "sampled": "paper"}[loss_normalization]
-checkpoint_root = Path(checkpoint_dir) if checkpoint_dir else record_file.parent / "04_rpn_checkpoints"
 runs = {}
 for norm in [loss_normalization] + ([other] if compare_normalizations else []):
-    runs[norm] = train_rpn(iterations, num_images, batch_size, seed=seed, device=device, out_dir=str(checkpoint_root / norm),
-                           objectness=objectness, loss_normalization=norm)
-    print(f"{norm}: {runs[norm].iterations} iterations in {runs[norm].seconds:.0f} s -> {runs[norm].checkpoint}")
+    runs[norm] = course_rpn(iterations, num_images, seed=seed, device=device, batch_size=batch_size,
+                            cache_dir=checkpoint_dir or None, objectness=objectness, loss_normalization=norm,
+                            need_history=True)  # trains only when the cache lacks it
+    print(f"{norm}: {runs[norm].describe()}")
+print(f"training here: {sum(r.train_seconds for r in runs.values() if r.trained_here):.0f} s; "
+      f"loading from the cache: {sum(r.seconds for r in runs.values() if not r.trained_here):.1f} s")
 
 # %%
 curves = {f"{norm}: {key}": [h[key] for h in run.history] for norm, run in runs.items() for key in RPN_LOSSES}
@@ -322,7 +339,8 @@ records.record("paper_box_weight_ratio", box_weight_ratio)
 for norm, run in runs.items():
     tail = run.history[-max(1, len(run.history) // 10):]
     records.record(f"{norm}_final_losses", {key: sum(h[key] for h in tail) / len(tail) for key in RPN_LOSSES})
-    records.record(f"{norm}_train_seconds", run.seconds)
+    records.record(f"{norm}_train_seconds", run.train_seconds)
+    records.record(f"{norm}_trained_here", run.trained_here)
     records.record(f"{norm}_recall_50_at_100", recall[norm]["recall_50"][-1])
     records.record(f"{norm}_recall_70_at_100", recall[norm]["recall_70"][-1])
 records.record("iterations", iterations)

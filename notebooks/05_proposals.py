@@ -31,7 +31,7 @@ device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "
 seed: int = 0  # seeds the data order, the weights and the anchor sampler
 smoke: bool = False  # tiny sizes for CI: a few training iterations on a handful of images
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/05_proposals.json
-rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: the course RPN (cached; trained here the first time)
+rpn_checkpoint: str = ""  # a trained RPN checkpoint.pt (notebook 04 prints where its runs are); empty: the course RPN (cached; trained here the first time)
 iterations: int = 250  # SGD steps of the RPN trained here when rpn_checkpoint is empty
 num_images: int = 600  # training images of that RPN
 num_val_images: int = 150  # validation images the recall is measured on
@@ -51,6 +51,7 @@ from rpnlab.detector.proposals import nms
 from rpnlab.engine.checkpoint import load_model
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.lab import records, widgets
+from rpnlab.lab.course import course_setup, departures, setup_of
 from rpnlab.lab.figures import new_figure
 from rpnlab.lab.proposals import (
     plot_proposal_steps,
@@ -59,6 +60,7 @@ from rpnlab.lab.proposals import (
     recall_by_setting,
     rpn_outputs,
 )
+from rpnlab.lab.pitfalls import topk_per_image_vs_batch
 from rpnlab.lab.reference import torchvision_rpn
 from rpnlab.lab.stage_training import course_rpn
 from rpnlab.lab.timing import time_call
@@ -91,6 +93,21 @@ outputs = rpn_outputs(model, val_set)
 anchors, box_coder = outputs["anchors"], model.rpn.box_coder
 print(f"{len(val_set)} validation images x {anchors.shape[0]} anchors: objectness {tuple(outputs['objectness'].shape)}, "
       f"offsets {tuple(outputs['deltas'].shape)}")
+
+# %% [markdown]
+# ## The course setup
+#
+# The anchors and anchor sampling of notebooks 01 and 03, which the RPN above was trained with;
+# an RPN from another checkpoint may differ, and this cell says how. The proposal counts below
+# are this notebook's parameters (the model's own training and test counts are printed at the
+# end).
+
+# %%
+course = course_setup()
+print(course.describe())
+print("\n".join(departures(course, vars(setup_of(model.config)), {
+    name: "the RPN checkpoint given was trained with it" for name in vars(course)}))
+      or "this notebook: the course setup, unchanged")
 
 # %% [markdown]
 # ## The proposal layer, step by step
@@ -264,7 +281,36 @@ for name, rpn_cfg in (("RPNConfig defaults", RPNConfig()), ("course model preset
           f"test {rpn_cfg.pre_nms_top_n_test} -> NMS -> {rpn_cfg.post_nms_top_n_test}")
 
 # %% [markdown]
-# Things to look for. A strict threshold (0.5) can run out of boxes: fewer than 300 survive, and
+# ### Pitfall: top-k per image, not per batch
+#
+# The last step keeps the best `post_nms_top_n` proposals *of each image*. Taking the best
+# `post_nms_top_n x B` of the whole batch of `B` images instead keeps the same total, but an
+# image whose objects score high (many objects, easy ones) takes the slots of an image whose
+# objects score lower, which is then left with few proposals or none, so its objects get no RoI
+# in the head. Detectron (Caffe2) took the top-k of its FPN proposals per batch; detectron2 takes
+# it per image and says so next to `POST_NMS_TOPK_TRAIN` in its config. On a batch of 8 validation images, 10
+# proposals per image either way (`rpnlab.lab.pitfalls.topk_per_image_vs_batch`, after NMS):
+
+# %%
+per_image_k, batch = 10, range(min(8, len(val_set)))
+candidates = [proposal_funnel(anchors, outputs["objectness"][i], outputs["deltas"][i], outputs["image_sizes"][i],
+                              pre_nms_top_n, 300, nms_thresh, min_size, box_coder=box_coder) for i in batch]
+topk = topk_per_image_vs_batch([c["boxes"] for c in candidates], [c["scores"] for c in candidates],
+                               [outputs["gt_boxes"][i] for i in batch], per_image_k)
+print(f"{'':>10} {'proposals kept per image':>34}   gt boxes found (IoU >= 0.5)")
+for name, r in topk.items():
+    print(f"{name:>10} {str(r['kept']):>34}   {sum(r['found'])} of {sum(r['num_gt'])} ({r['recall']:.0%})")
+starved = [i for i, n in enumerate(topk["per_batch"]["kept"]) if n < per_image_k // 2]
+print(f"per batch, {len(starved)} of {len(candidates)} images keep fewer than {per_image_k // 2} proposals "
+      f"(images {starved}), holding {sum(topk['per_image']['num_gt'][i] for i in starved)} gt boxes")
+
+# %% [markdown]
+# The totals are the same; what changes is who gets them. The per-batch rule can even find as
+# many boxes over the batch, by spending slots where scores are high, while single images lose
+# all of theirs: training then sees no RoI for their objects, and at test time an image's
+# detections would depend on the other images of its batch.
+#
+# Things to look for (recall curves above). A strict threshold (0.5) can run out of boxes: fewer than 300 survive, and
 # its curves flatten. NMS keeps the *best-scoring* box of a cluster, not the best-placed one, so
 # a strict threshold costs most at IoU 0.7. Without NMS, the first places go to near-copies of
 # the most confident boxes. With a few thousand anchors and a few objects per image the
@@ -283,6 +329,9 @@ records.record("recall_50_at_100", main["recall_50"][at_100])
 records.record("recall_70_at_100", main["recall_70"][at_100])
 records.record("average_recall_at_100", main["average_recall"][at_100])
 records.record("recall_50_at_100_by_setting", {name: r["recall_50"][at_100] for name, r in recall.items()})
+records.record("topk_kept_per_image", topk["per_image"]["kept"])
+records.record("topk_kept_per_batch", topk["per_batch"]["kept"])
+records.record("topk_recall", {name: r["recall"] for name, r in topk.items()})
 records.record("explorer_ms", 1000 * explorer.last_result["seconds"])
 records.record("explorer_render_ms", 1000 * explorer.last_result["render_seconds"])
 records.save_record();

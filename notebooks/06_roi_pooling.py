@@ -47,6 +47,8 @@ from rpnlab.detector.boxes import box_iou
 from rpnlab.detector.roi import crop_and_resize_pool, roi_align, roi_pool
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.lab import records
+from rpnlab.lab.course import course_setup, departures
+from rpnlab.lab.pitfalls import roi_align_shift
 from rpnlab.lab.figures import plot_value_histograms
 from rpnlab.lab.roi import (
     compare_roi_kernels,
@@ -63,6 +65,21 @@ if smoke:
 dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
 image, target = dataset[image_index]
 box = target["boxes"][0]
+
+# %% [markdown]
+# ## The course setup
+#
+# RoI pooling uses no anchors; what it shares with the course is the feature stride. This
+# notebook pools at the paper's stride 16 by default (VGG-16's), where RoI Pool's rounding is
+# twice as coarse as at the course's stride and easier to see; it also measures the course's
+# stride below (`stride // 2` when `stride` is 16).
+
+# %%
+course = course_setup()
+print(course.describe())
+print("\n".join(departures(course, {"anchor_stride": stride}, {
+    "anchor_stride": "RoI pooling is shown at the paper's (VGG-16's) stride, where its rounding is coarsest"}))
+      or "this notebook: the course setup, unchanged")
 
 # %% [markdown]
 # ## Rounding: what RoI Pool does to a box
@@ -206,6 +223,39 @@ for name, result in kernels.items():
           f"{result['forward_max_diff']:.1e} (forward), {result['grad_max_diff']:.1e} (gradient)")
 
 # %% [markdown]
+# ### Pitfall: RoI Align's `aligned=True`
+#
+# RoI Align (Mask R-CNN) first shipped reading every box half a cell off: it takes a box
+# coordinate `x` to the point `x * scale` of the map, as if cell `c`'s value sat at `c`, while a
+# cell of a map that tiles the image stands for the area `[c, c + 1)`, centred at `c + 0.5`.
+# Detectron2 and torchvision added `aligned=True`, which subtracts that half cell (detectron2's
+# default; torchvision keeps `False` for old models, and so does `RoIConfig`). Measured on a
+# known pattern: a feature map holding its own column index (`f[y, x] = x`), where one RoI Align
+# bin returns the mean column it read, so the shift of the read centre from the box's centre
+# can be read off in pixels, for rpnlab's plain-PyTorch `roi_align` and torchvision's
+# (`rpnlab.lab.pitfalls.roi_align_shift`):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+shift_box = [20.0, 30.0, 100.0, 90.0]
+shifts = {}
+for s in (1, stride // 2, stride):
+    shifts[s] = roi_align_shift(shift_box, spatial_scale=1 / s, size=max(8, 128 // s))
+    for aligned in (False, True):
+        m = shifts[s][aligned]
+        print(f"stride {s:>2}, aligned={aligned!s:>5}: read centre off by {m['rpnlab']:+.2f} px (rpnlab), "
+              f"{m['torchvision']:+.2f} px (torchvision)")
+print(f"expected with aligned=False: half a cell, {[shifts[s]['expected_unaligned_px'] for s in shifts]} px")
+
+# %% [markdown]
+# Half a cell is `stride / 2` image pixels: at stride 16 every RoI is read that far to the right
+# (and, by the same rule, down) of where it is, a large share of our small objects (notebook 00
+# printed their sizes). Both kernels agree, so this is the convention, not a bug of one of them.
+# A model trained with `aligned=False` learns around the shift; the damage comes from switching
+# the setting between training and test, or from porting weights between libraries whose
+# defaults differ. `aligned=True` matches anchors centred in their cells (the course's anchor
+# offset, printed above).
+#
 # The detector uses `rpnlab.detector.roi.RoIPooler`, which calls torchvision's compiled kernels by
 # default (`implementation="torchvision"`) and these plain versions with `"python"`.
 #
@@ -213,6 +263,7 @@ for name, result in kernels.items():
 
 # %%
 records.record("box", box)
+records.record("roi_align_shift_px", {f"stride_{s}": {str(a): shifts[s][a]["rpnlab"] for a in (False, True)} for s in shifts})
 records.record("box_quantisation_iou", box_iou(box[None], region[None]).item())
 for name, iou in quantisation_iou.items():
     records.record(f"mean_quantisation_iou_{name.replace(' ', '_')}", iou.mean())

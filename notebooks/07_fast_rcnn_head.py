@@ -30,7 +30,7 @@ device: str = "auto"  # where tensors live: "auto" (CUDA, then MPS, then CPU), "
 seed: int = 0  # seeds the data order, the weights and the samplers
 smoke: bool = False  # tiny sizes for CI: a few training iterations on a handful of images
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/07_fast_rcnn_head.json
-rpn_checkpoint: str = ""  # a trained RPN, e.g. notebook 04's "../runs/records/04_rpn_checkpoints/sampled/checkpoint.pt"; empty: the course RPN (cached; trained here the first time)
+rpn_checkpoint: str = ""  # a trained RPN checkpoint.pt (notebook 04 prints where its runs are); empty: the course RPN (cached; trained here the first time)
 rpn_iterations: int = 250  # SGD steps of the RPN trained here when rpn_checkpoint is empty
 head_iterations: int = 150  # SGD steps of the Fast R-CNN head (backbone and RPN frozen)
 head_lr: float = 0.1  # learning rate of the head's SGD (warm-up, then cosine decay)
@@ -60,9 +60,11 @@ from rpnlab.engine.checkpoint import load_model
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.engine.train import ROI_LOSSES, evaluate
 from rpnlab.lab import records
+from rpnlab.lab.course import course_setup, departures, setup_of
 from rpnlab.lab.detections import plot_detections
 from rpnlab.lab.figures import new_figure, plot_funnel, plot_loss_curves
 from rpnlab.lab.matching import plot_matching
+from rpnlab.lab.pitfalls import background_candidates, score_threshold_starvation
 from rpnlab.lab.reference import torchvision_postprocess
 from rpnlab.lab.roi import detection_funnel, plot_regression_targets
 from rpnlab.lab.stage_training import course_rpn, frozen_rpn_proposals, train_fast_rcnn_head
@@ -95,8 +97,25 @@ else:
     print(course.describe())
 images, targets = collate([train_set[i] for i in range(min(8, len(train_set)))])
 targets = [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev)} for t in targets]
-features, proposals, image_sizes = frozen_rpn_proposals(model, images.to(dev))  # training-time counts
-print(f"{len(proposals)} training images: {[len(p) for p in proposals]} proposals")
+features, proposals, image_sizes, proposal_scores = frozen_rpn_proposals(model, images.to(dev), with_scores=True)
+print(f"{len(proposals)} training images: {[len(p) for p in proposals]} proposals (training-time counts)")
+
+# %% [markdown]
+# ## The course setup
+#
+# The RPN's anchors and anchor sampling are the course's (notebooks 01 and 03) unless the
+# checkpoint given says otherwise. The head's own sampling (`batch_size_per_image`,
+# `positive_fraction` below) is a different sampler, of RoIs rather than anchors, set by this
+# notebook's parameters.
+
+# %%
+course = course_setup()
+print(course.describe())
+print("\n".join(departures(course, vars(setup_of(model.config)), {
+    name: "the RPN checkpoint given was trained with it" for name in vars(course)}))
+      or "this notebook: the course setup, unchanged")
+print(f"the head's RoI sampling here: {batch_size_per_image} RoIs per image, at most {positive_fraction:.0%} foreground "
+      f"(the model preset: {model.config.roi.batch_size_per_image}, {model.config.roi.positive_fraction:.0%})")
 
 # %% [markdown]
 # ## Proposal targets: which RoIs the head learns from
@@ -124,6 +143,59 @@ plot_matching(train_set[0][0], sampled.proposals[0], sampled.labels[0].clamp(max
                   title=f"image 0: sampled RoIs ({fg_counts[0]} foreground, {bg_counts[0]} background)")
 
 # %% [markdown]
+# ### The lower background threshold
+#
+# Background is `best IoU < 0.5`, but from where? The Fast R-CNN paper (sec. 2.3) and
+# py-faster-rcnn (`BG_THRESH_LO = 0.1`) take background RoIs only from `[0.1, 0.5)`: proposals
+# that touch an object without covering it, "a heuristic for hard example mining". torchvision
+# (`RoIHeads`) and detectron2 use `[0, 0.5)`: every low-IoU proposal is a candidate, including
+# the many that overlap nothing. rpnlab has both (`RoIConfig.bg_iou_thresh_low`; the sampler
+# above uses the value printed). On the proposals of these training images
+# (`rpnlab.lab.pitfalls.background_candidates`):
+
+# %%
+bg_candidates = background_candidates(proposals, [t["boxes"] for t in targets], lows=(0.0, 0.1))
+print(f"this notebook's sampler: background from [{sampler.bg_iou_thresh_low:g}, 0.5); "
+      f"RoIConfig's default: [{model.config.roi.bg_iou_thresh_low:g}, {model.config.roi.bg_iou_thresh_high:g})")
+for low, c in bg_candidates.items():
+    print(f"background from [{low:g}, 0.5): {c['per_image']:.0f} candidates per image, mean best IoU {c['mean_best_iou']:.3f}, "
+          f"{c['touching']:.0%} of them touch an object")
+print(f"each image samples at most {batch_size_per_image} RoIs, so either way the background RoIs are a draw "
+      f"from these candidates")
+
+# %% [markdown]
+# With `[0.1, 0.5)` the head sees only backgrounds that touch an object (the parts and near
+# misses it must learn to reject) and never an empty patch; `[0, 0.5)` also draws empty patches,
+# as many as there are among the candidates (the sampler draws uniformly; the share that touches
+# an object is printed). Our small images are crowded, so the two rules differ less here than
+# on large images with few objects, where empty patches can fill most of the draw. The paper's
+# rule has a cost: an image without a candidate in `[0.1, 0.5)` gives the head no background.
+#
+# ### Pitfall: passing only `p > 0.5` proposals to the head
+#
+# A tempting shortcut: give the head only the proposals the RPN is sure of, objectness
+# probability above 0.5. The head then starves: far fewer RoIs, fewer of them foreground, and
+# objects the RPN scores lower get no proposal at all. (In training the gt boxes join the
+# proposals, so each object keeps one RoI, the perfect one; at test time an object without a
+# proposal is a missed detection.) Counted on the same images
+# (`rpnlab.lab.pitfalls.score_threshold_starvation`; positive: IoU >= 0.5 with a gt box):
+
+# %%
+starvation = score_threshold_starvation(proposals, proposal_scores, [t["boxes"] for t in targets], threshold=0.5)
+for name, r in (("all proposals", starvation["all"]), ("only p > 0.5", starvation["thresholded"])):
+    print(f"{name:>14}: proposals per image {r['proposals']}, positives {r['positives']}; "
+          f"gt boxes without a positive proposal: {r['gt_without_proposal']:.0%}")
+print("best objectness probability of each image's proposals:",
+      [round(s.max().item(), 3) if len(s) else None for s in proposal_scores])
+
+# %% [markdown]
+# The RPN's probabilities are not calibrated for this: it was trained on a sample of anchors
+# that is mostly negative (notebook 03), its objectness only has to *rank* the anchors of an
+# image, and a proposal that covers an object well can score below 0.5 (the best scores are
+# printed). The second stage is
+# there to judge the proposals; the first one's job is recall, so all of them go through (the
+# `score_thresh` of `RPNConfig`, 0 by default, exists for speed, not quality).
+#
 # Foreground RoIs also learn the offsets to their gt box, encoded as in notebook 02 but with
 # weights `(10, 10, 5, 5)`: `tx = 10 * dx / w_a`, ..., `tw = 5 * log(w / w_a)`. Proposals are
 # already close to their boxes, so the raw offsets are small (a few hundredths); the weights
@@ -308,6 +380,10 @@ print(f"mAP@0.5 {metrics['map_50']:.3f} on {metrics['num_images']} images; per c
 # ## What we measured
 
 # %%
+records.record("background_candidates_per_image", {str(low): c["per_image"] for low, c in bg_candidates.items()})
+records.record("p_above_half_proposals_per_image", starvation["thresholded"]["mean_proposals"])
+records.record("p_above_half_gt_without_proposal", starvation["thresholded"]["gt_without_proposal"])
+records.record("all_proposals_gt_without_proposal", starvation["all"]["gt_without_proposal"])
 records.record("foreground_rois", sum(fg_counts))
 records.record("background_rois", sum(bg_counts))
 for name, t in by_weights.items():

@@ -64,6 +64,7 @@ from IPython.display import Markdown, display
 from rpnlab.data import build_dataset
 from rpnlab.engine.devices import resolve_device, seed_everything
 from rpnlab.lab import ablations, experiments, records, results
+from rpnlab.lab.course import course_setup, departures, setup_of
 
 records.begin("09_experiments", record_path)
 seed_everything(seed)
@@ -104,6 +105,33 @@ def show(name, rows, by, metrics, keep=(), pairs_metric="ar_300"):
             results.beside_reference(summary, ref, by, pairs_metric), digits={"paper_map": 1, "lambda": 1})))
     return summary, ref
 
+
+# %% [markdown]
+# ## The course setup, and what this notebook sweeps away from it
+#
+# Every run starts from the course's model preset (the anchors and sampling of notebooks 01 and
+# 03, the detector of 04-08); each table then moves one setting away from it, listed here with
+# the training every run gets.
+
+# %%
+course = course_setup()
+print(course.describe())
+print("\n".join(departures(course, vars(setup_of(base_cfg)))) or "every run starts from the course setup")
+swept = {
+    "anchors": "anchor_sizes x anchor_ratios, Table 8's six rows: "
+               + "; ".join(s["setting"] for s in ablations.table8_settings(course.anchor_sizes, course.anchor_ratios)),
+    "lambda": f"the RPN's box-loss weight lambda over {lambdas} with the paper's loss normalisation "
+              f"(the course: {base_cfg.rpn.loss_normalization!r} normalisation)",
+    "proposals": f"test-time proposals {test_counts} per image, and the RPN without NMS, scores or box regression "
+                 f"(the course: {base_cfg.rpn.post_nms_top_n_test} after NMS)",
+    "recall_iou": "recall against IoU for 300, 1000 and 2000 proposals (the course keeps "
+                  f"{base_cfg.rpn.post_nms_top_n_test})",
+}
+print("swept away from it, by table:")
+for name in tables:
+    print(f"  {name}: {swept.get(name, '(unknown table)')}")
+print(f"training of every run: {steps} SGD steps ({schedule}) of {train_cfg.batch_size} images from {num_train}, "
+      f"seeds {seeds}")
 
 # %% [markdown]
 # ## The paper's numbers

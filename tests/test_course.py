@@ -38,7 +38,29 @@ def test_course_rpn_is_trained_once_then_loaded(tmp_path):
     again = course_rpn(2, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path)
     assert not again.trained_here and again.checkpoint == first.checkpoint
     assert "loaded from the course cache" in again.describe()
+    assert len(first.history) == len(again.history) == 2 and again.history[-1]["total"] == first.history[-1]["total"]
     for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
         torch.testing.assert_close(a.cpu(), b.cpu(), msg=name)
     other = course_rpn(3, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path)  # other settings
     assert other.trained_here and other.checkpoint != first.checkpoint
+    paper = course_rpn(2, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path, loss_normalization="paper")
+    assert paper.trained_here and paper.checkpoint not in (first.checkpoint, other.checkpoint)
+    assert paper.model.config.rpn.loss_normalization == "paper"
+    (first.checkpoint.parent / "history.json").unlink()  # a cache from before the history was kept
+    assert course_rpn(2, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path).history is None
+    assert course_rpn(2, num_images=4, batch_size=2, device="cpu", cache_dir=tmp_path, need_history=True).trained_here
+
+
+def test_setup_of_names_what_a_model_changed():
+    from dataclasses import asdict
+
+    from rpnlab.lab.course import setup_of
+
+    cfg = synthetic_model_config()
+    assert setup_of(cfg) == course_setup()
+    cfg.anchors.strides = (16,)
+    lines = departures(course_setup(), asdict(setup_of(cfg)), reasons={"anchor_stride": "VGG-16's"})
+    assert lines == [f"anchor_stride = 16 instead of the course's {course_setup().anchor_stride}: VGG-16's"]
+    cfg.anchors.strides = (8, 16)
+    with pytest.raises(ValueError, match="one feature level"):
+        setup_of(cfg)

@@ -43,10 +43,15 @@ EXPECTED_RECORDS = {
     "00_setup": {"num_images": 16, "device": None, "num_objects": None, "objects_per_class": None},
     "01_anchors": {"k": COURSE_K, "num_anchors": COURSE_ANCHORS, "coverage_at_0.5": None, "coverage_at_0.7": None,
                    "mean_best_iou": None, "kmeans_mean_iou": None, "explorer_ms": None},
-    "02_box_coding": {"slip_iou": None, "roundtrip_error_float32": None, "clamped_width_px": None},
+    "02_box_coding": {"slip_iou": None, "roundtrip_error_float32": None, "clamped_width_px": None,
+                      "weights_equal_normalised_targets": True, "box_loss_ratio_with_weights": None,
+                      "plus_one_iou_gap_at_8px": None},
     "03_matching_sampling": {"num_anchors": COURSE_ANCHORS, "image_positive": None, "image_negative": None,
                              "image_ignored": None, "sampled_positive": None, "sampled_negative": None,
                              "explorer_ms": None},
+    # RoI Align reads half a cell off without aligned=True, at each stride (06's defaults: 1, 8, 16)
+    "06_roi_pooling": {"roi_align_shift_px": {f"stride_{s}": {"False": s / 2, "True": 0.0} for s in (1, 8, 16)}},
+    "07_fast_rcnn_head": {"background_candidates_per_image": None, "p_above_half_gt_without_proposal": None},
 }
 
 

@@ -367,3 +367,8 @@ def test_train_fast_rcnn_head_trains_only_the_head(rpn_run):
     assert all(len(p) <= model.config.rpn.post_nms_top_n_train for p in proposals)
     _, test_proposals, _ = frozen_rpn_proposals(model, images, train_counts=False)
     assert all(len(p) <= model.config.rpn.post_nms_top_n_test for p in test_proposals)
+    _, again, _, scores = frozen_rpn_proposals(model, images, with_scores=True)
+    for p, q, s in zip(proposals, again, scores):
+        torch.testing.assert_close(p, q)
+        assert s.shape == (len(p),) and bool(((s >= 0) & (s <= 1)).all())
+        assert bool((s[:-1] >= s[1:]).all())  # best first, as the proposals

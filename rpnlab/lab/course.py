@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["CourseSetup", "course_setup", "departures", "resolve"]
+__all__ = ["CourseSetup", "course_setup", "departures", "resolve", "setup_of"]
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,15 @@ def course_setup() -> CourseSetup:
     """The course's settings, read from ``synthetic_model_config()`` (the model preset)."""
     from rpnlab.detector.model import synthetic_model_config
 
-    cfg = synthetic_model_config()
-    anchors, rpn = cfg.anchors, cfg.rpn
+    return setup_of(synthetic_model_config())
+
+
+def setup_of(model_config) -> CourseSetup:
+    """The course settings of a ``ModelConfig`` (a checkpoint's ``model.config``, a sweep's base),
+    so that ``departures(course_setup(), asdict(setup_of(cfg)))`` names what a model changed."""
+    anchors, rpn = model_config.anchors, model_config.rpn
     if len(anchors.strides) != 1:
-        raise ValueError(f"the course teaches one feature level; the model preset has strides {anchors.strides}")
+        raise ValueError(f"the course teaches one feature level; this model has strides {anchors.strides}")
     return CourseSetup(
         anchor_sizes=tuple(float(s) for s in anchors.sizes[0]),
         anchor_ratios=tuple(float(r) for r in anchors.aspect_ratios[0]),

@@ -9,10 +9,11 @@ constants, so no gradient flows back through RoI pooling into the feature map: o
 backward pass costs more than everything else of a joint iteration, and skipping it makes a
 useful head train in about a minute.
 
-``course_rpn`` is the RPN notebooks 05 and 07 (and ``make prepare``, ahead of a workshop) share:
+``course_rpn`` is the RPN notebooks 04, 05 and 07 (and ``make prepare``, ahead of a workshop) share:
 trained once with ``train_rpn`` into a cache folder keyed by the model preset and the training
-settings, then loaded by every later notebook in a second. ``python -m rpnlab.lab.stage_training``
-trains it with notebook 05's default parameters.
+settings, then loaded by every later notebook in a second (with its loss records, which notebook
+04 draws). ``python -m rpnlab.lab.stage_training`` trains it with notebook 05's default
+parameters, and notebook 04's twin trained with the paper's loss normalisation.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class CourseRPN:
     trained_here: bool  # False: loaded from the cache
     train_seconds: float  # how long its training took (then or now)
     seconds: float  # how long this call took
+    history: list[dict[str, Any]] | None = None  # the training's loss records (None: a cache from before they were kept)
 
     def describe(self) -> str:
         if self.trained_here:
@@ -127,46 +129,59 @@ class CourseRPN:
 
 
 def course_rpn(iterations: int, num_images: int = 600, seed: int = 0, device: str | torch.device = "auto",
-               batch_size: int = 8, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> CourseRPN:
+               batch_size: int = 8, cache_dir: str | os.PathLike | None = None, refresh: bool = False,
+               objectness: str = "sigmoid", loss_normalization: str = "sampled",
+               need_history: bool = False) -> CourseRPN:
     """The course's RPN for these settings: loaded from the cache, or trained (``train_rpn``) and cached.
 
-    The cache key covers the model preset (``synthetic_model_config()``) and the training settings,
-    so a retuned preset or other iterations train a new RPN instead of reusing a stale one.
-    ``refresh=True`` retrains even when the cache has it.
+    The cache key covers the model preset (``synthetic_model_config()``, with ``objectness`` and
+    ``loss_normalization`` applied) and the training settings, so a retuned preset, another loss
+    or other iterations train a new RPN instead of reusing a stale one. ``refresh=True`` retrains
+    even when the cache has it; ``need_history=True`` retrains a cached RPN whose loss records
+    were not kept (notebook 04 draws them).
     """
     from rpnlab.detector.model import synthetic_model_config
     from rpnlab.engine.checkpoint import load_model
 
     start = time.perf_counter()
     dev = resolve_device(device)
-    key = {"model": dataclasses.asdict(synthetic_model_config()), "iterations": iterations,
+    model_cfg = synthetic_model_config()
+    model_cfg.rpn.objectness, model_cfg.rpn.loss_normalization = objectness, loss_normalization
+    model_cfg.validate()
+    key = {"model": dataclasses.asdict(model_cfg), "iterations": iterations,
            "num_images": num_images, "seed": seed, "batch_size": batch_size}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = Path(cache_dir) if cache_dir is not None else course_cache_dir()
     folder = folder / f"rpn-{iterations}it-{num_images}img-seed{seed}-{digest}"
-    checkpoint, meta = folder / "checkpoint.pt", folder / "course.json"
-    if checkpoint.is_file() and meta.is_file() and not refresh:
+    checkpoint, meta, history_file = folder / "checkpoint.pt", folder / "course.json", folder / "history.json"
+    cached = checkpoint.is_file() and meta.is_file() and not refresh
+    if cached and (history_file.is_file() or not need_history):
         model = load_model(checkpoint, map_location=dev)
         train_seconds = float(json.loads(meta.read_text(encoding="utf-8"))["train_seconds"])
-        return CourseRPN(model, checkpoint, False, train_seconds, time.perf_counter() - start)
+        history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.is_file() else None
+        return CourseRPN(model, checkpoint, False, train_seconds, time.perf_counter() - start, history)
     folder.mkdir(parents=True, exist_ok=True)
-    run = train_rpn(iterations, num_images, batch_size=batch_size, seed=seed, device=dev, out_dir=str(folder))
+    run = train_rpn(iterations, num_images, batch_size=batch_size, seed=seed, device=dev, out_dir=str(folder),
+                    objectness=objectness, loss_normalization=loss_normalization)
+    history_file.write_text(json.dumps(run.history), encoding="utf-8")
     meta.write_text(json.dumps({**key, "train_seconds": run.seconds, "device": str(dev)}, indent=1, default=str),
                     encoding="utf-8")  # written last: a checkpoint without it is an interrupted run
-    return CourseRPN(run.model, Path(run.checkpoint), True, run.seconds, time.perf_counter() - start)
+    return CourseRPN(run.model, Path(run.checkpoint), True, run.seconds, time.perf_counter() - start, run.history)
 
 
 @torch.no_grad()
-def frozen_rpn_proposals(model: nn.Module, images, train_counts: bool = True):
+def frozen_rpn_proposals(model: nn.Module, images, train_counts: bool = True, with_scores: bool = False):
     """Features and proposals of a model's backbone and RPN, without gradient.
 
     Args:
         model: an ``rpnlab.detector.model.FasterRCNN``; images: an ``ImageBatch`` or a list of ``(3, H, W)``.
         train_counts: use the proposal layer's training-time counts (``post_nms_top_n_train``, what
             Fast R-CNN trains on, as the paper's step 4) rather than the test-time ones.
+        with_scores: also return the proposals' objectness probabilities.
     Returns:
         ``features`` (list of ``(B, C, H, W)``), ``proposals`` (per image ``(P_i, 4)``),
-        ``image_sizes``. The model's train/eval state is left as it was.
+        ``image_sizes``, and with ``with_scores`` the ``scores`` (per image ``(P_i,)``). The model's
+        train/eval state is left as it was.
     """
     was_training = model.rpn.training
     x, sizes = model.prepare_images(images)
@@ -174,10 +189,12 @@ def frozen_rpn_proposals(model: nn.Module, images, train_counts: bool = True):
     model.rpn.eval()
     model.rpn.proposal_layer.train(train_counts)
     try:
-        proposals = model.rpn(features, sizes).proposals
+        out = model.rpn(features, sizes)
     finally:
         model.rpn.train(was_training)
-    return features, proposals, sizes
+    if with_scores:
+        return features, out.proposals, sizes, out.scores
+    return features, out.proposals, sizes
 
 
 def train_fast_rcnn_head(
@@ -259,14 +276,31 @@ def train_fast_rcnn_head(
 
 
 def _prepare() -> None:
-    """Train (or find) the course RPN with notebook 05's default parameters: ``make prepare``."""
+    """Train (or find) the course RPNs with the notebooks' default parameters: ``make prepare``.
+
+    The one notebooks 05 and 07 share (05's defaults), and notebook 04's pair: the same RPN and
+    its twin trained with the paper's loss normalisation (04's comparison)."""
+    import ast
+
     import papermill
 
     repo = Path(__file__).resolve().parents[2]
-    declared = papermill.inspect_notebook(str(repo / "notebooks" / "05_proposals.ipynb"))
-    defaults = {name: json.loads(declared[name]["default"]) for name in ("iterations", "num_images", "seed")}
-    rpn = course_rpn(defaults["iterations"], defaults["num_images"], seed=defaults["seed"])
-    print(rpn.describe())
+
+    def defaults(notebook: str, names: tuple[str, ...]) -> dict[str, Any]:
+        declared = papermill.inspect_notebook(str(repo / "notebooks" / notebook))
+        return {name: ast.literal_eval(declared[name]["default"]) for name in names}  # Python literals
+
+    shared = defaults("05_proposals.ipynb", ("iterations", "num_images", "seed"))
+    print(course_rpn(shared["iterations"], shared["num_images"], seed=shared["seed"], need_history=True).describe())
+    nb04 = defaults("04_rpn_head_losses.ipynb", ("iterations", "num_images", "seed", "batch_size", "objectness",
+                                                 "loss_normalization", "compare_normalizations"))
+    norms = [nb04["loss_normalization"]]
+    if nb04["compare_normalizations"]:
+        norms.append({"paper": "sampled", "sampled": "paper"}[nb04["loss_normalization"]])
+    for norm in norms:
+        rpn = course_rpn(nb04["iterations"], nb04["num_images"], seed=nb04["seed"], batch_size=nb04["batch_size"],
+                         objectness=nb04["objectness"], loss_normalization=norm, need_history=True)
+        print(f"notebook 04, {norm} normalisation: {rpn.describe()}")
 
 
 if __name__ == "__main__":
