@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 MPLBACKEND=Agg .venv/bin/python benchmarks/bench_explorers.py
     ... bench_explorers.py --quick            # 5 changes per control instead of 15, 120 images in 01
     ... bench_explorers.py --out runs/bench   # where explorers.csv / explorers.json go
+    ... bench_explorers.py --only 01          # the explorers whose name contains "01"
 
 Every explorer of the course is built as its notebook builds it (00's dataset browser, 01's
 anchors over 600 images, 02's box coding, 03's matching thresholds, 05's proposals from the
@@ -15,7 +16,11 @@ as the explorer reports them.
 ``scratch`` is the way the explorers drew before figures were kept (issue 11, item 4): a new
 figure from the stage's plotting functions, laid out and encoded at every change. It is timed
 right after each change on the same result (A, B, A, B, ...), so machine load hits both alike;
-``speedup`` is its draw CPU time over the kept figure's. The goal: compute + draw under 150 ms.
+Columns: ``wall`` and ``cpu`` for the whole change, ``p90 cpu``, ``compute`` (wall) and ``draw
+cpu`` as the explorer reports them, ``full``: the changes that redrew the whole figure (a new axis
+range or a new image) rather than only what moved, ``before cpu``: compute + the scratch drawing,
+``draw x``: the scratch drawing's CPU time over the kept figure's. The goal: compute + draw under
+150 ms.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from datetime import datetime
@@ -113,10 +118,22 @@ def build(quick: bool) -> list[dict]:
         return _encode(fig)
 
     options = anchors_ex.controls["sizes"].options
-    subsets = [s for k in (4, 3, 5) for s in itertools.combinations(options, k)]
+
+    def toggles(n: int) -> list[tuple]:
+        """What a learner does: add or remove one size (ctrl-click), a set not seen before each time
+        (so the coverage of every box is computed, never taken from the cache)."""
+        rng, current, seen, out = random.Random(0), set(sizes), {tuple(sorted(sizes))}, []
+        while len(out) < n:
+            nxt = current ^ {rng.choice(options)}
+            if nxt and tuple(sorted(nxt)) not in seen:
+                current = nxt
+                seen.add(tuple(sorted(nxt)))
+                out.append(tuple(sorted(nxt)))
+        return out
+
     cases.append({"name": "01 anchors", "explorer": anchors_ex, "scratch": scratch_anchors, "moves": {
         "index": lambda n: [1 + i % 50 for i in range(n)],
-        "sizes (new set: coverage of every box)": lambda n: [subsets[7 * i % len(subsets)] for i in range(n)],
+        "sizes (one toggled: coverage of every box)": toggles,
     }})
 
     puzzle_anchor, puzzle_gt = torch.tensor([8.0, 40.0, 104.0, 88.0]), torch.tensor([24.0, 20.0, 72.0, 116.0])
@@ -193,13 +210,15 @@ def measure(case: dict, label: str, values: list, scratch: bool) -> dict:
     ex, control = case["explorer"], _control(case["explorer"], label)
     rows = []
     for value in values:
-        before_png = ex.output.outputs
+        view = getattr(ex, "view", None)  # None: explorers older than the kept figures
+        before_png, draws = ex.output.outputs, view.full_draws if view is not None else 0
         wall, cpu = time.perf_counter(), time.process_time()
         control.value = value
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         r = ex.last_result
         row = {"wall": wall, "cpu": cpu, "compute_wall": r["seconds"], "draw_wall": r["render_seconds"],
-               "draw_cpu": r.get("render_cpu_seconds", float("nan")), "changed": ex.output.outputs != before_png}
+               "draw_cpu": r.get("render_cpu_seconds", float("nan")), "changed": ex.output.outputs != before_png,
+               "full_draw": view.full_draws > draws if view is not None else True}
         if scratch:
             w, c = time.perf_counter(), time.process_time()
             case["scratch"](ex)
@@ -214,7 +233,7 @@ def measure(case: dict, label: str, values: list, scratch: bool) -> dict:
         return 1000 * ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
     out = {"explorer": case["name"], "control": label, "changes": len(rows),
-           "figure_changed": sum(r["changed"] for r in rows)}
+           "figure_changed": sum(r["changed"] for r in rows), "full_draws": sum(r["full_draw"] for r in rows)}
     for key in ("wall", "cpu", "compute_wall", "draw_wall", "draw_cpu"):
         out[f"{key}_ms"], out[f"{key}_p90_ms"] = med(key), p90(key)
     if scratch:
@@ -229,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 changes per control and 120 images in 01")
     parser.add_argument("--changes", type=int, default=0, help="changes per control (default 15, --quick 5)")
+    parser.add_argument("--only", default="", help="explorers whose name contains this (e.g. 01)")
     parser.add_argument("--no-scratch", action="store_true", help="skip the draw-from-scratch comparison")
     parser.add_argument("--out", default="runs/bench", help="folder for explorers.csv and explorers.json")
     args = parser.parse_args()
@@ -242,11 +262,14 @@ def main() -> None:
     build_seconds = time.perf_counter() - start
     results = []
     for case in cases:
+        if args.only not in case["name"]:
+            continue
         for label, values in case["moves"].items():
             results.append(measure(case, label, values(n), scratch=not args.no_scratch))
     load_after = os.getloadavg()
 
-    header = f"{'explorer':<20} {'control':<40} {'wall':>7} {'cpu':>7} {'p90 cpu':>8} {'compute':>8} {'draw cpu':>9}"
+    header = (f"{'explorer':<20} {'control':<40} {'wall':>7} {'cpu':>7} {'p90 cpu':>8} {'compute':>8} {'draw cpu':>9}"
+              f" {'full':>5}")
     if not args.no_scratch:
         header += f" {'before cpu':>11} {'draw x':>7}"
     print(f"explorers: {n} changes per control, medians in ms (wall, process CPU); goal {GOAL_MS:.0f} ms per change")
@@ -256,7 +279,7 @@ def main() -> None:
     print(header)
     for r in results:
         line = (f"{r['explorer']:<20} {r['control']:<40} {r['wall_ms']:7.1f} {r['cpu_ms']:7.1f} {r['cpu_p90_ms']:8.1f} "
-                f"{r['compute_wall_ms']:8.1f} {r['draw_cpu_ms']:9.1f}")
+                f"{r['compute_wall_ms']:8.1f} {r['draw_cpu_ms']:9.1f} {r['full_draws']:2d}/{r['changes']:<2d}")
         if not args.no_scratch:
             line += f" {r['before_cpu_ms']:11.1f} {r['speedup_draw']:6.1f}x"
         if r["figure_changed"] < r["changes"]:

@@ -81,12 +81,6 @@ class KeptFigure:
         """Say that an artist of the background (not ``moving``) changed: the next ``png`` redraws it."""
         self.still_version += 1
 
-    def still_text(self, text, value: str) -> None:
-        """Set a text of the background (a legend label that seldom changes): redrawn only if it did."""
-        if text.get_text() != value:
-            text.set_text(value)
-            self.still_changed()
-
     @property
     def title(self) -> str:
         return self.axes[0].get_title() or "figure"
@@ -187,18 +181,25 @@ class _Image:
         return h, w
 
     def fit(self, extra: np.ndarray | None = None, margin: float = 0.0) -> None:
-        """Axis limits: the image, and every box of ``extra: (N, 4)`` with a margin around both; the
-        part beyond the image is rounded up to 1/8 of the image, so that a small change keeps it."""
+        """Axis limits: the image, and every box of ``extra: (N, 4)`` with a margin around both.
+
+        A new range redraws the whole axes (half of a change's time), so the part beyond the image
+        is rounded up to a quarter of the image, and a range one step wider than needed is kept.
+        """
         h, w = self.shape
-        x1, y1, x2, y2 = -0.5, -0.5, w - 0.5, h - 0.5
+        step = max(w, h) / 4
+        need = np.array([-0.5, -0.5, w - 0.5, h - 0.5])  # x1, y1, x2, y2
         if extra is not None and len(extra):
-            step = max(w, h) / 8
-            x1 = x1 - _ceil_to(max(0.0, x1 - float(extra[:, 0].min())), step)
-            y1 = y1 - _ceil_to(max(0.0, y1 - float(extra[:, 1].min())), step)
-            x2 = x2 + _ceil_to(max(0.0, float(extra[:, 2].max()) - x2), step)
-            y2 = y2 + _ceil_to(max(0.0, float(extra[:, 3].max()) - y2), step)
-        self.ax.set_xlim(x1 - margin, x2 + margin)
-        self.ax.set_ylim(y2 + margin, y1 - margin)
+            need[:2] -= [_ceil_to(max(0.0, need[i] - float(extra[:, i].min())), step) for i in (0, 1)]
+            need[2:] += [_ceil_to(max(0.0, float(extra[:, i].max()) - need[i]), step) for i in (2, 3)]
+        need += [-margin, -margin, margin, margin]
+        (x1, x2), (y2, y1) = self.ax.get_xlim(), self.ax.get_ylim()
+        shown = np.array([x1, y1, x2, y2])
+        wider = np.array([-1, -1, 1, 1]) * (shown - need)  # how much wider than needed, per side
+        if self.ax.get_autoscale_on() or (wider < -1e-6).any() or (wider > step + 1e-6).any():
+            self.ax.set_xlim(need[0], need[2])
+            self.ax.set_ylim(need[3], need[1])
+            self.ax.set_autoscale_on(False)
 
 
 def _caption_box(color: Any) -> dict:
@@ -275,9 +276,7 @@ class AnchorView(KeptFigure):
         styles = ["--", ":", "-."]
         lines = [hist.axvline(t, color="black", linestyle=styles[i % 3]) for i, t in enumerate(self.thresholds)]
         self.shares = hist.legend(lines, [f"IoU >= {t:g}" for t in self.thresholds], fontsize=8, loc="upper left")
-        # The legends change with the stride and sizes only (``still_text``): drawing a legend
-        # costs as much as all the moving artists together.
-        for artist in (*self.bars, *lines, ax.title, hist.title):
+        for artist in (*self.bars, *lines, self.legend, self.shares, ax.title, hist.title):
             self.moving(artist)
         hist.set_xlim(0, 1)
         hist.set_xlabel("best IoU of a gt box with any anchor")
@@ -311,8 +310,8 @@ class AnchorView(KeptFigure):
         self.best.set_segments(box_segments(chosen))
         self.image.fit(np.concatenate(drawn), margin=0.03 * max(w, h))
         texts = self.legend.get_texts()
-        self.still_text(texts[0], f"{centres.shape[0]} anchor centres")
-        self.still_text(texts[1], f"the {k} anchors of one location")
+        texts[0].set_text(f"{centres.shape[0]} anchor centres")
+        texts[1].set_text(f"the {k} anchors of one location")
         ax.set_title(title or f"{a.shape[0]} anchors: stride {stride:g}, k = {k}")
 
         values = as_numpy(best_iou).reshape(-1).astype(np.float64)
@@ -322,7 +321,7 @@ class AnchorView(KeptFigure):
         hist.set_ylim(0, _nice_top(counts.max(initial=0) * 1.05))
         for text, t in zip(self.shares.get_texts(), self.thresholds):
             share = float((values >= t).mean()) if values.size else float("nan")
-            self.still_text(text, f"IoU >= {t:g}: {share:.0%} of boxes")
+            text.set_text(f"IoU >= {t:g}: {share:.0%} of boxes")
         mean = f", mean {values.mean():.2f}" if values.size else ""
         hist.set_title(f"anchor coverage of {values.size} gt boxes{mean}")
 
