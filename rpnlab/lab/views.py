@@ -192,14 +192,18 @@ class _Image:
         if extra is not None and len(extra):
             need[:2] -= [_ceil_to(max(0.0, need[i] - float(extra[:, i].min())), step) for i in (0, 1)]
             need[2:] += [_ceil_to(max(0.0, float(extra[:, i].max()) - need[i]), step) for i in (2, 3)]
-        need += [-margin, -margin, margin, margin]
-        (x1, x2), (y2, y1) = self.ax.get_xlim(), self.ax.get_ylim()
-        shown = np.array([x1, y1, x2, y2])
-        wider = np.array([-1, -1, 1, 1]) * (shown - need)  # how much wider than needed, per side
-        if self.ax.get_autoscale_on() or (wider < -1e-6).any() or (wider > step + 1e-6).any():
-            self.ax.set_xlim(need[0], need[2])
-            self.ax.set_ylim(need[3], need[1])
-            self.ax.set_autoscale_on(False)
+        _set_range(self.ax, need + [-margin, -margin, margin, margin], slack=step)
+
+
+def _set_range(ax: Axes, need: np.ndarray, slack: float) -> None:
+    """Show ``need`` (x1, y1, x2, y2; y pointing down), keeping the range shown while it holds
+    ``need`` and is at most ``slack`` wider on each side (a new range redraws the whole axes)."""
+    (x1, x2), (y2, y1) = ax.get_xlim(), ax.get_ylim()
+    wider = np.array([-1, -1, 1, 1]) * (np.array([x1, y1, x2, y2]) - need)  # per side
+    if ax.get_autoscale_on() or (wider < -1e-6).any() or (wider > slack + 1e-6).any():
+        ax.set_xlim(need[0], need[2])
+        ax.set_ylim(need[3], need[1])
+        ax.set_autoscale_on(False)
 
 
 def _caption_box(color: Any) -> dict:
@@ -362,9 +366,11 @@ class BoxCodingView(KeptFigure):
         self.text.set_text("\n".join(f"{n} = {v:+.3f}" for n, v in zip(("tx", "ty", "tw", "th"), deltas)))
         stacked = np.stack([self.a, self.g, d])
         pad = 0.15 * float(max(stacked[:, 2].max() - stacked[:, 0].min(), stacked[:, 3].max() - stacked[:, 1].min()))
-        step = 16.0  # limits on a 16-pixel grid: a small move of the box keeps them (and the background)
-        ax.set_xlim(np.floor((stacked[:, 0].min() - pad) / step) * step, _ceil_to(stacked[:, 2].max() + pad, step))
-        ax.set_ylim(_ceil_to(stacked[:, 3].max() + pad, step), np.floor((stacked[:, 1].min() - pad) / step) * step)
+        step = 16.0  # limits on a 16-pixel grid, kept while at most 2 steps too wide (the background too)
+        need = np.array([np.floor((stacked[:, 0].min() - pad) / step) * step,
+                         np.floor((stacked[:, 1].min() - pad) / step) * step,
+                         _ceil_to(stacked[:, 2].max() + pad, step), _ceil_to(stacked[:, 3].max() + pad, step)])
+        _set_range(ax, need, slack=2 * step)
         ax.set_title(title or "box coding: anchor -> ground truth")
 
 
@@ -391,8 +397,9 @@ class MatchingView(KeptFigure):
         self.legend = ax.legend(handles, ["negative", "ignored", "positive", "ground truth"],
                                 loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
         self.edges = np.linspace(0.0, 1.0, bins + 1)
-        self.bars = hist.bar(self.edges[:-1], np.ones(bins), width=np.diff(self.edges), align="edge", color="0.35",
-                             log=True)
+        # One step patch for the histogram (one artist to redraw, not 50 bars), under the zones.
+        self.bars = hist.stairs(np.ones(bins), self.edges, fill=True, color="0.35", baseline=0.1, zorder=0.4)
+        hist.set_yscale("log")
         span = blended_transform_factory(hist.transData, hist.transAxes)
         self.zones = {name: hist.add_patch(Rectangle((0, 0), 0, 1, transform=span, color=color, alpha=alpha, zorder=0.5))
                       for name, color, alpha in (("negative", "tab:red", 0.15), ("ignored", "tab:orange", 0.2),
@@ -405,7 +412,10 @@ class MatchingView(KeptFigure):
         hist.set_xlabel("each anchor's best IoU with a gt box")
         hist.set_ylabel("anchors")
         hist.set_title("the thresholds cut the IoU axis")
-        for artist in (*self.zones.values(), *self.cuts, self.legend, self.zone_legend, ax.title, self.gt):
+        # Another image moves the picture, its boxes and the histogram, not the axes: all of them
+        # are drawn with the moving artists, and the background is redrawn only for a new range.
+        for artist in (self.image.artist, self.bars, *self.zones.values(), *self.cuts, self.legend, self.zone_legend,
+                       ax.title, self.gt):
             self.moving(artist)
         self._image_key: Any = None
 
@@ -414,13 +424,11 @@ class MatchingView(KeptFigure):
         if key == self._image_key:
             return
         self._image_key = key
-        self.still_changed()
         self.image.show(image, fade=0.5)
         self.image.fit()
         self.gt.set_segments(box_segments(gt_boxes))
         counts, _ = np.histogram(as_numpy(best_iou).reshape(-1), bins=self.edges)
-        for bar, c in zip(self.bars, counts):
-            bar.set_height(c)
+        self.bars.set_data(values=counts)
         self.axes[1].set_ylim(0.5, _nice_top(max(2, counts.max(initial=0)) * 1.5))
 
     def update(self, anchors: Any, labels: Any, low: float, high: float, title: str = "") -> None:
