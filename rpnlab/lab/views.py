@@ -427,9 +427,12 @@ class MatchingView(KeptFigure):
         self.image.show(image, fade=0.5)
         self.image.fit()
         self.gt.set_segments(box_segments(gt_boxes))
-        counts, _ = np.histogram(as_numpy(best_iou).reshape(-1), bins=self.edges)
+        values = as_numpy(best_iou).reshape(-1)
+        counts, _ = np.histogram(values, bins=self.edges)
         self.bars.set_data(values=counts)
-        self.axes[1].set_ylim(0.5, _nice_top(max(2, counts.max(initial=0)) * 1.5))
+        # On the log axis, the number of anchors as the top costs little room and stays the same
+        # from image to image (a new range would redraw the axes).
+        self.axes[1].set_ylim(0.5, _nice_top(max(2, values.size) * 1.5))
 
     def update(self, anchors: Any, labels: Any, low: float, high: float, title: str = "") -> None:
         """``anchors: (A, 4)``, ``labels: (A,)`` (1, 0, -1) of the image last given to ``show_image``."""
