@@ -53,9 +53,10 @@ check: $(STAMP)
 	$(PY) -m rpnlab.lab.nbclean check $(NOTEBOOKS)
 	$(VENV)/bin/ruff check rpnlab tests benchmarks
 
-## rpnlab vs torchvision operation by operation (CPU, 1 thread): table printed, CSV/JSON in runs/bench/
+## rpnlab vs torchvision operation by operation (CPU, 1 thread), then the explorers' change-to-figure times: tables printed, CSV/JSON in runs/bench/
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py --out runs/bench --markdown runs/bench/bench_ops.md
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) benchmarks/bench_explorers.py --out runs/bench
 
 ## The whole-detector benchmark: both detectors trained for the same time budget, then mAP
 bench-detector: $(STAMP)
