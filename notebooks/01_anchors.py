@@ -217,8 +217,9 @@ plot_anchor_coverage(coverage["best_iou"], thresholds=(0.5, 0.7))
 # %% [markdown]
 # ## Explore: sizes, ratios, stride
 #
-# The explorer calls the same two functions as the cells above (`plot_anchor_grid`,
-# `plot_anchor_coverage`) whenever a control changes. Things to try: a stride of 16 (a quarter
+# The explorer computes what the cells above compute and draws the same two panels; it keeps one
+# figure and moves only what changed (`rpnlab.lab.views`), so a change shows in a fraction of a
+# second. Things to try: a stride of 16 (a quarter
 # of the anchors: how much coverage at 0.7 is lost?), dropping the size 16 (what happens to the
 # small boxes?), adding ratios 0.33 and 3. (The explorer places anchors with torchvision's
 # offset 0, at the cells' corners; coverage hardly depends on it.)

@@ -166,8 +166,8 @@ check.label_anchors(my_label_anchors)
 # %% [markdown]
 # ## Explore: thresholds and the low-quality rule
 #
-# The explorer recomputes the labels with `label_anchors` and redraws with `plot_matching` (the
-# two calls above). Try: raise the high threshold to 0.9 with the low-quality rule off (how many
+# The explorer recomputes the labels with `label_anchors` and draws what `plot_matching` draws,
+# moving only the boxes and bars that changed. Try: raise the high threshold to 0.9 with the low-quality rule off (how many
 # boxes keep a positive?), then turn the rule on; lower the low threshold to 0.1 (fewer
 # negatives, more ignored).
 

@@ -220,8 +220,8 @@ check.nms(my_nms)
 # %% [markdown]
 # ## Explore: counts and threshold
 #
-# The explorer reruns `proposal_funnel` (the offsets are decoded once) and redraws with
-# `plot_proposal_steps`, the two calls above. Try: an NMS threshold of 0.3 (fewer, more
+# The explorer reruns `proposal_funnel` (the offsets are decoded once) and draws what
+# `plot_proposal_steps` draws, moving only the boxes that changed. Try: an NMS threshold of 0.3 (fewer, more
 # distinct proposals: do objects lose theirs?) and of 1.0 (no suppression: the best boxes
 # crowd on the most confident object); a post-NMS count of 5.
 
