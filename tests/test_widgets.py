@@ -140,6 +140,22 @@ def test_anchor_explorer_reuses_coverage_when_only_the_image_changes(dataset, mo
     assert calls  # a setting that changes the anchors recomputes it
 
 
+def test_anchor_explorer_toggling_a_size_reuses_the_other_sizes(dataset, monkeypatch):
+    ex = widgets.anchor_explorer(dataset, render=False)
+    calls = []
+    real = widgets.anchor_coverage
+    monkeypatch.setattr(widgets, "anchor_coverage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ex.controls["sizes"].value = (16, 64)  # a subset of the shown sizes: every pair is cached
+    assert calls == []
+    reference = coverage_over_dataset(AnchorGenerator((16, 64), (0.5, 1.0, 2.0), 16), dataset)
+    torch.testing.assert_close(ex.last_result["best_iou"], reference["best_iou"])
+    assert ex.last_result["num_anchors"] == 8 * 8 * 6
+    ex.controls["ratios"].value = (1.0,)
+    reference = coverage_over_dataset(AnchorGenerator((16, 64), (1.0,), 16), dataset)
+    torch.testing.assert_close(ex.last_result["best_iou"], reference["best_iou"])
+    assert calls == []
+
+
 def test_explorer_looks(dataset):
     ex = widgets.anchor_explorer(dataset, render=False)
     for name in ("sizes", "ratios"):  # every option visible: no scrolling list hides a selection

@@ -211,22 +211,35 @@ def anchor_explorer(
     output, status = W.Output(), W.HTML()
     result: dict[str, Any] = {}
     # The dataset coverage depends on sizes, ratios and stride, not on the image shown: moving
-    # the image slider reuses it (it is the slow part, every gt box of every image).
-    coverage_cache: dict[tuple, tuple[torch.Tensor, dict]] = {}
+    # the image slider reuses it (it is the slow part, every gt box of every image). A box's best
+    # IoU over a union of anchor sets is the max of its best IoU over each set, so the cache holds
+    # one (size, ratio, stride) pair at a time and a toggled size or ratio costs one max.
+    pair_cache: dict[tuple, tuple[torch.Tensor, dict]] = {}
     view = AnchorView(thresholds) if render else None
+
+    def pair_coverage(size_v, ratio_v, stride_v):
+        key = (size_v, ratio_v, stride_v)
+        if key not in pair_cache:
+            best, num_anchors = [], {}
+            for size, gt in gt_by_size.items():
+                _, anchors = _anchors_for([size_v], [ratio_v], stride_v, size)
+                num_anchors[size] = anchors.shape[0]
+                best.append(anchor_coverage(anchors, gt, thresholds)["best_iou"])
+            if len(pair_cache) > 256:
+                pair_cache.clear()
+            pair_cache[key] = (torch.cat(best), num_anchors)
+        return pair_cache[key]
+
+    last: dict[tuple, tuple[torch.Tensor, dict]] = {}
 
     def coverage(sel_sizes, sel_ratios, stride_v):
         key = (tuple(sel_sizes), tuple(sel_ratios), stride_v)
-        if key not in coverage_cache:
-            best, num_anchors = [], {}
-            for size, gt in gt_by_size.items():
-                _, anchors = _anchors_for(sel_sizes, sel_ratios, stride_v, size)
-                num_anchors[size] = anchors.shape[0]
-                best.append(anchor_coverage(anchors, gt, thresholds)["best_iou"])
-            if len(coverage_cache) > 32:
-                coverage_cache.clear()
-            coverage_cache[key] = (torch.cat(best), num_anchors)
-        return coverage_cache[key]
+        if key not in last:
+            pairs = [pair_coverage(s, r, stride_v) for s in sel_sizes for r in sel_ratios]
+            best = torch.stack([b for b, _ in pairs]).amax(dim=0)
+            last.clear()
+            last[key] = (best, {size: sum(n[size] for _, n in pairs) for size in gt_by_size})
+        return last[key]
 
     def update() -> dict[str, Any]:
         sel_sizes, sel_ratios = controls["sizes"].value, controls["ratios"].value
