@@ -159,13 +159,19 @@ def _split_epochs(epochs: int, weights: Sequence[int]) -> list[int]:
         if sum(parts) >= epochs:
             break
         parts[i] += 1
+    while sum(parts) > max(epochs, len(weights)):  # the "at least 1" of small weights overshot: the
+        # most over-served part (beyond its exact share) gives one back
+        i = max((i for i in range(len(parts)) if parts[i] > 1), key=lambda i: parts[i] - exact[i])
+        parts[i] -= 1
     return parts
 
 
-def stages_for(schedule: str, epochs: int) -> list[Stage]:
+def stages_for(schedule: str, epochs: int, split: Sequence[int] = (2, 1, 2, 1)) -> list[Stage]:
     """The stages of ``schedule`` (``"joint"``, ``"alternating"``, ``"rpn"``) over ``epochs`` epochs.
 
     ``"alternating"`` needs at least 4 epochs to give each step one; with fewer it takes 4.
+    ``split``: its steps' epochs in this proportion (``TrainConfig.alternating_split``;
+    py-faster-rcnn's 2 : 1 : 2 : 1 by default).
     """
     everything = ("backbone", "rpn", "roi_heads")
     if schedule == "joint":
@@ -173,7 +179,9 @@ def stages_for(schedule: str, epochs: int) -> list[Stage]:
     if schedule == "rpn":
         return [Stage("rpn", epochs, "rpn", ("backbone", "rpn"), RPN_LOSSES)]
     if schedule == "alternating":
-        e1, e2, e3, e4 = _split_epochs(epochs, (2, 1, 2, 1))
+        if len(split) != 4 or any(int(w) != w or w < 1 for w in split):
+            raise ValueError(f"split={tuple(split)!r} is invalid: expected 4 positive ints, one weight per step")
+        e1, e2, e3, e4 = _split_epochs(epochs, tuple(int(w) for w in split))
         return [
             Stage("step1_rpn", e1, "rpn", ("backbone", "rpn"), RPN_LOSSES),
             Stage("step2_fast_rcnn", e2, "fast_rcnn_fixed", ("backbone", "roi_heads"), ROI_LOSSES),
@@ -439,7 +447,7 @@ class Trainer:
         from rpnlab.detector.model import FasterRCNN
 
         self.model = FasterRCNN.from_config(model_cfg).to(self.device)
-        self.stages = stages_for(train_cfg.schedule, train_cfg.epochs)
+        self.stages = stages_for(train_cfg.schedule, train_cfg.epochs, train_cfg.alternating_split)
         # Step 1 of the alternating schedule trains its own network (backbone A + RPN), whose
         # proposals then feed step 2.
         self.rpn_model = (FasterRCNN.from_config(model_cfg).to(self.device)
