@@ -9,7 +9,7 @@ from rpnlab.config import DataConfig, ModelConfig
 from rpnlab.data import build_dataset
 from rpnlab.detector.model import FasterRCNN, gpu_model_config, synthetic_model_config
 from rpnlab.engine.presets import PRESETS, gpu_data_config, preset_configs
-from rpnlab.engine.train import Trainer, gpu_train_config, synthetic_train_config
+from rpnlab.engine.train import Trainer, gpu_train_config, stages_for, synthetic_train_config
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -25,6 +25,14 @@ def test_every_preset_validates_and_builds(name):
 @pytest.mark.parametrize("name", ["synthetic", "gpu"])
 def test_from_scratch_presets_start_step2_from_step1(name):
     assert preset_configs(name)[2].alternating_init == "step1"
+
+
+@pytest.mark.parametrize("name", ["synthetic", "gpu"])
+def test_from_scratch_presets_give_step2_the_largest_share(name):
+    # Step 2 trains the features and the head; py-faster-rcnn's 2:1:2:1 gave it a sixth.
+    train_cfg = preset_configs(name)[2]
+    steps = [s.epochs for s in stages_for("alternating", train_cfg.epochs, train_cfg.alternating_split)]
+    assert steps[1] == max(steps) and steps[1] >= sum(steps) / 3
 
 
 def test_unknown_preset_is_named():
