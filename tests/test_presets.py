@@ -1,5 +1,7 @@
 """The named presets (synthetic CPU, GPU, paper defaults): they validate, build and learn on tiny sizes."""
 
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -107,4 +109,5 @@ def test_synthetic_recipe_lowers_the_loss_in_a_few_iterations(tmp_path):
                      train_dataset=build_dataset(data_cfg, "train")).run()
     totals = [h["total"] for h in result.history]
     assert len(totals) == 12
-    assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
+    # 32 RoIs of 2 images per step make single steps noisy: the median of the second half.
+    assert statistics.median(totals[6:]) < 0.8 * sum(totals[:3]) / 3, totals
