@@ -65,7 +65,7 @@ def synthetic_model_config(num_classes: int = 3) -> ModelConfig:
     Measured for issue 8 (val mAP@0.5 after a full cosine schedule, seeds 0 and 1, one thread;
     CPU seconds of the process): the earlier preset (64 RoIs, 7 x 7, 1000 boxes into NMS) after
     900 iterations: 0.402 and 0.382 in 158 and 154 CPU s; this one after 1200 iterations: 0.504
-    and 0.512 in 143 and 134 CPU s (0.68x the CPU per iteration, 1.3x the mAP for less CPU). Earlier, one seed of 600 iterations:
+    and 0.512 in 143 and 134 CPU s (0.66x the CPU per iteration, 1.3x the mAP for less CPU). Earlier, one seed of 600 iterations:
     BatchNorm instead of GroupNorm 0.19 against 0.31, lr 0.1 instead of 0.05 0.23.
     """
     return ModelConfig(

@@ -103,7 +103,7 @@ def synthetic_train_config(**overrides: Any) -> TrainConfig:
     24 epochs of 600 images in batches of 4 (3600 iterations). With the earlier model preset
     (64 RoIs pooled to 7 x 7) that took about 6 minutes on two quiet CPU cores and reached
     val mAP@0.5 0.72 after 1800 iterations, 0.75 after 2200, 0.80 after 7200
-    (benchmarks/bench_detector.py); the current one costs 0.68x the CPU per iteration and learns
+    (benchmarks/bench_detector.py); the current one costs 0.66x the CPU per iteration and learns
     more per CPU second (see ``synthetic_model_config``).
     """
     # Small batches, many steps and a high rate: in a CPU budget of minutes the number of updates
