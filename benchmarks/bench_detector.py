@@ -45,23 +45,33 @@ MAX_EPOCHS = 10_000  # the clock, not the epoch count, ends a benchmark run
 
 
 class TrainClock:
-    """Seconds of training since the first call of ``elapsed``, less the time spent in ``paused()``."""
+    """Seconds of training since the first call of ``elapsed``, less the time spent in ``paused()``.
+
+    ``cpu_s()``: the process's CPU seconds over the same span (all threads), less those spent
+    paused: with the iteration count, a cost per iteration that the load of other processes
+    changes far less than the wall time.
+    """
 
     def __init__(self):
         self.start, self.paused_s = None, 0.0
+        self.cpu_start, self.paused_cpu_s = None, 0.0
+
+    def cpu_s(self) -> float:
+        return time.process_time() - self.cpu_start - self.paused_cpu_s if self.cpu_start is not None else 0.0
 
     def elapsed(self) -> float:
         if self.start is None:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return time.perf_counter() - self.start - self.paused_s
 
     @contextlib.contextmanager
     def paused(self):
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.paused_s += time.perf_counter() - begin
+            self.paused_cpu_s += time.process_time() - begin_cpu
 
 
 class ClockCosine:
@@ -146,7 +156,9 @@ def bench_rpnlab(data_cfg: DataConfig, budget_s: float, device: str, out_dir: Pa
                             budget_s=budget_s, clock=clock, callback=callback)
     clock.elapsed()  # start the clock
     result = trainer.run()
-    train_s = clock.elapsed()
+    train_s, cpu_s = clock.elapsed(), clock.cpu_s()
+    # The thread count the Trainer trained with (it sets its own: RPNLAB_THREADS, else the load).
+    threads = trainer.cpu_threads or torch.get_num_threads()
     final = point(result.model, train_s)
     curve.append(final)
     return {
@@ -156,6 +168,8 @@ def bench_rpnlab(data_cfg: DataConfig, budget_s: float, device: str, out_dir: Pa
         "iterations": result.iterations,
         "images_per_s": result.images / train_s,
         "train_s": train_s,
+        "threads": threads,
+        "cpu_ms_per_iteration": 1000 * cpu_s / max(result.iterations, 1),
         "stop_reason": "time_budget" if result.stop_reason == "callback" else result.stop_reason,
         "parameters": sum(p.numel() for p in result.model.parameters()),
         "curve": curve,
@@ -244,6 +258,7 @@ def bench_torchvision(data_cfg: DataConfig, budget_s: float, device: torch.devic
         "iterations": it,
         "images_per_s": it * batch_size / seconds,
         "train_s": seconds,
+        "threads": torch.get_num_threads(),
         "stop_reason": "time_budget",
         "parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -254,13 +269,15 @@ def bench_torchvision(data_cfg: DataConfig, budget_s: float, device: torch.devic
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| detector | mAP@0.5 | mAP@[.5:.95] | iterations | images/s | training s | parameters |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| detector | mAP@0.5 | mAP@[.5:.95] | iterations | images/s | training s | threads | CPU ms/it | parameters |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        cpu = f"{r['cpu_ms_per_iteration']:.0f}" if "cpu_ms_per_iteration" in r else "-"
         lines.append(
             f"| {r['name']} | {100 * r['map_50']:.1f} | {100 * r['map']:.1f} | {r['iterations']} | "
-            f"{r['images_per_s']:.1f} | {r['train_s']:.0f} | {r['parameters'] / 1e6:.2f}M |"
+            f"{r['images_per_s']:.1f} | {r['train_s']:.0f} | {r.get('threads', '-')} | {cpu} | "
+            f"{r['parameters'] / 1e6:.2f}M |"
         )
     return "\n".join(lines)
 

@@ -177,6 +177,8 @@ _HELP = {
     ("train", "max_iters"): "stop after this many iterations in all ('none': run every epoch)",
     ("train", "alternating_init"): "4-step schedule, step 2's backbone: 'fresh' (as built, the paper) or 'step1' "
                                    "(a copy of step 1's trained backbone; the stand-in for ImageNet weights from scratch)",
+    ("train", "alternating_split"): "4-step schedule: the epochs of steps 1-4 in this proportion, e.g. '2 1 2 1' "
+                                    "(py-faster-rcnn's)",
     ("train", "time_budget_s"): "stop after this many seconds of training ('none': no limit)",
 }
 

@@ -354,6 +354,9 @@ class TrainConfig:
     # 4-step schedule, step 2's backbone: "fresh" (as built: random, or the pretrained weights, as the
     # paper) or "step1" (a copy of step 1's trained backbone: from scratch, the stand-in for ImageNet)
     alternating_init: str = "fresh"
+    # 4-step schedule: the epochs of steps 1-4 in this proportion (py-faster-rcnn's iteration
+    # counts: 2 : 1 : 2 : 1). From scratch, the detector steps need more of a short budget.
+    alternating_split: tuple[int, ...] = (2, 1, 2, 1)
 
     def validate(self) -> TrainConfig:
         _all_finite(self)
@@ -374,6 +377,10 @@ class TrainConfig:
             _fail("lr_steps", self.lr_steps, "increasing epochs, each once")
         _choice("amp", self.amp, ("off", "bf16", "fp16"))
         _choice("alternating_init", self.alternating_init, ("fresh", "step1"))
+        split = self.alternating_split
+        if not (isinstance(split, (tuple, list)) and len(split) == 4
+                and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in split)):
+            _fail("alternating_split", split, "4 positive ints: the weights of steps 1-4's epochs, e.g. (2, 1, 2, 1)")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or str(self.device).startswith("cuda:")):
             _fail("device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         _positive_int("num_workers", self.num_workers, allow_zero=True)

@@ -1,5 +1,7 @@
 """The named presets (synthetic CPU, GPU, paper defaults): they validate, build and learn on tiny sizes."""
 
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from rpnlab.config import DataConfig, ModelConfig
 from rpnlab.data import build_dataset
 from rpnlab.detector.model import FasterRCNN, gpu_model_config, synthetic_model_config
 from rpnlab.engine.presets import PRESETS, gpu_data_config, preset_configs
-from rpnlab.engine.train import Trainer, gpu_train_config, synthetic_train_config
+from rpnlab.engine.train import Trainer, gpu_train_config, stages_for, synthetic_train_config
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -25,6 +27,14 @@ def test_every_preset_validates_and_builds(name):
 @pytest.mark.parametrize("name", ["synthetic", "gpu"])
 def test_from_scratch_presets_start_step2_from_step1(name):
     assert preset_configs(name)[2].alternating_init == "step1"
+
+
+@pytest.mark.parametrize("name", ["synthetic", "gpu"])
+def test_from_scratch_presets_give_step2_the_largest_share(name):
+    # Step 2 trains the features and the head; py-faster-rcnn's 2:1:2:1 gave it a sixth.
+    train_cfg = preset_configs(name)[2]
+    steps = [s.epochs for s in stages_for("alternating", train_cfg.epochs, train_cfg.alternating_split)]
+    assert steps[1] == max(steps) and steps[1] >= sum(steps) / 3
 
 
 def test_unknown_preset_is_named():
@@ -99,4 +109,5 @@ def test_synthetic_recipe_lowers_the_loss_in_a_few_iterations(tmp_path):
                      train_dataset=build_dataset(data_cfg, "train")).run()
     totals = [h["total"] for h in result.history]
     assert len(totals) == 12
-    assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
+    # 32 RoIs of 2 images per step make single steps noisy: the median of the second half.
+    assert statistics.median(totals[6:]) < 0.8 * sum(totals[:3]) / 3, totals

@@ -71,6 +71,26 @@ def test_stages():
         stages_for("cyclic", 3)
 
 
+def test_alternating_split_shares_the_epochs_between_the_steps():
+    assert [s.epochs for s in stages_for("alternating", 12, (1, 3, 1, 1))] == [2, 6, 2, 2]
+    assert [s.epochs for s in stages_for("alternating", 7, (1, 4, 1, 1))] == [1, 4, 1, 1]
+    for epochs in range(1, 15):  # every step keeps at least one epoch, the total is kept
+        parts = [s.epochs for s in stages_for("alternating", epochs, (1, 5, 1, 1))]
+        assert min(parts) >= 1 and sum(parts) == max(epochs, 4)
+    with pytest.raises(ValueError, match=r"split=\(1, 2, 3\)"):
+        stages_for("alternating", 12, (1, 2, 3))
+    for bad in ((1, 0, 1, 1), (1, 2, 1), (1, 2.5, 1, 1), (True, 1, 1, 1)):
+        with pytest.raises(ValueError, match="alternating_split="):
+            TrainConfig(alternating_split=bad).validate()
+
+
+def test_trainer_uses_the_configs_alternating_split(tmp_path):
+    model_cfg, data_cfg, train_cfg = tiny_configs(tmp_path, schedule="alternating", epochs=6,
+                                                  alternating_split=(1, 3, 1, 1))
+    trainer = Trainer(model_cfg, data_cfg, train_cfg, progress=False)
+    assert [s.epochs for s in trainer.stages] == [1, 3, 1, 1]
+
+
 def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     data = list(range(10))
     a, b = EpochSampler(data, seed=3, batch_size=4), EpochSampler(data, seed=3, batch_size=4)

@@ -137,13 +137,15 @@ def rows_to_markdown(
 # Training budget
 
 
-def _stage_cost(schedule: str, epochs: int, iterations_per_epoch: int, seconds: float | Mapping[str, float]) -> float:
+def _stage_cost(schedule: str, epochs: int, iterations_per_epoch: int, seconds: float | Mapping[str, float],
+                split: Sequence[int] = (2, 1, 2, 1)) -> float:
     """Estimated seconds of ``epochs`` epochs of ``schedule`` (seconds per iteration: one number, or
-    one per stage name as ``rpnlab.engine.train.stages_for`` names them)."""
+    one per stage name as ``rpnlab.engine.train.stages_for`` names them; ``split``: the 4-step
+    schedule's ``TrainConfig.alternating_split``)."""
     from rpnlab.engine.train import stages_for
 
     total = 0.0
-    for stage in stages_for(schedule, epochs):
+    for stage in stages_for(schedule, epochs, split):
         per_iteration = seconds[stage.name] if isinstance(seconds, Mapping) else seconds
         total += stage.epochs * iterations_per_epoch * per_iteration
     return total
@@ -155,6 +157,7 @@ def plan_epochs(
     iterations_per_epoch: int,
     schedule: str = "joint",
     max_epochs: int | None = None,
+    split: Sequence[int] = (2, 1, 2, 1),
 ) -> int:
     """The most epochs of ``schedule`` that fit in ``time_budget_s``.
 
@@ -178,7 +181,7 @@ def plan_epochs(
     if max_epochs is not None:
         most = min(most, max_epochs)
     fitting = [e for e in range(least, most + 1)
-               if _stage_cost(schedule, e, iterations_per_epoch, seconds_per_iteration) <= time_budget_s]
+               if _stage_cost(schedule, e, iterations_per_epoch, seconds_per_iteration, split) <= time_budget_s]
     return max(fitting, default=least)
 
 
@@ -234,7 +237,7 @@ def measure_iteration_seconds(
     from rpnlab.engine.train import stages_for
 
     per_stage = measure_stage_seconds(model_cfg, data_cfg, train_cfg, iterations, train_dataset)
-    stages = stages_for(train_cfg.schedule, max(train_cfg.epochs, 4))
+    stages = stages_for(train_cfg.schedule, max(train_cfg.epochs, 4), train_cfg.alternating_split)
     return sum(s.epochs * per_stage[s.name] for s in stages) / sum(s.epochs for s in stages)
 
 
@@ -259,11 +262,13 @@ def fit_to_budget(
     per_epoch = max(1, math.ceil(n / train_cfg.batch_size))
     seconds = measure_stage_seconds(model_cfg, data_cfg, train_cfg, probe_iterations, train_dataset)
     fitted = copy.deepcopy(train_cfg)
-    fitted.epochs = plan_epochs(time_budget_s, seconds, per_epoch, train_cfg.schedule, max_epochs)
+    fitted.epochs = plan_epochs(time_budget_s, seconds, per_epoch, train_cfg.schedule, max_epochs,
+                                train_cfg.alternating_split)
     fitted.time_budget_s = safety * time_budget_s
     fitted.validate()
     plan = {"seconds_per_iteration": seconds, "iterations_per_epoch": per_epoch, "epochs": fitted.epochs,
-            "planned_seconds": _stage_cost(train_cfg.schedule, fitted.epochs, per_epoch, seconds)}
+            "planned_seconds": _stage_cost(train_cfg.schedule, fitted.epochs, per_epoch, seconds,
+                                           train_cfg.alternating_split)}
     return fitted, plan
 
 
