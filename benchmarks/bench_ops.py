@@ -305,7 +305,7 @@ def _one_detector(clock: Clock, device, name: str, h: int, w: int, b: int) -> li
         total = sum(losses.values())
         total.backward()
         model.zero_grad(set_to_none=True)
-        return float(total)
+        return float(total.detach())
 
     def infer(model):
         model.eval()
