@@ -144,9 +144,16 @@ def test_a_corrupt_course_head_entry_is_retrained_not_a_crash(tmp_path, monkeypa
     state["roi_heads"][name] = torch.full_like(state["roi_heads"][name], float("nan"))
     torch.save(state, first.checkpoint)
     assert course_head(course_rpn(2, **small).model, 2, **small).trained_here and len(calls) == 3
+    # A tensor of the wrong shape, among good ones: the retraining starts from the initial head
+    # (not a half-loaded one), so it gives the first training's weights again.
+    state = torch.load(first.checkpoint, weights_only=True)
+    expected = {k: v.clone() for k, v in state["roi_heads"].items()}
     state["roi_heads"][name] = torch.zeros(1)
     torch.save(state, first.checkpoint)
-    assert course_head(course_rpn(2, **small).model, 2, **small).trained_here and len(calls) == 4
+    last = course_head(course_rpn(2, **small).model, 2, **small)
+    assert last.trained_here and len(calls) == 4
+    for key, value in last.model.roi_heads.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
 
 
 def test_course_head_rejects_bad_settings_before_work(tmp_path, monkeypatch):

@@ -379,6 +379,9 @@ def course_head(model: nn.Module, iterations: int, num_images: int = 600, batch_
     dev = next(model.parameters()).device if device is None else resolve_device(device)
     note = ""
     if checkpoint.is_file() and not refresh:
+        # load_state_dict copies tensor by tensor: a bad entry could leave the head half loaded,
+        # and the head retrained from there would not be the one the key names.
+        initial = {k: v.clone() for k, v in model.roi_heads.state_dict().items()}
         try:
             state = load_checkpoint(checkpoint, map_location=dev)
             if state.get("key") != digest:
@@ -391,6 +394,7 @@ def course_head(model: nn.Module, iterations: int, num_images: int = 600, batch_
             return CourseHead(model, checkpoint, False, float(state["train_seconds"]),
                               time.perf_counter() - start, list(state["history"]))
         except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as err:
+            model.roi_heads.load_state_dict(initial)
             note = f"the cached {checkpoint.name} was unusable, so retrained: {str(err).splitlines()[0]}"
     train_start = time.perf_counter()
     history = train_fast_rcnn_head(model, dataset, iterations, batch_size, lr=lr, momentum=momentum,
