@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/rpnlab run $(if $(RUN_OUT),--out $(RUN_OUT))
 
-## Ahead of a workshop: train the course RPN that notebooks 05 and 07 load (cached in data/cache/course/)
+## Ahead of a workshop: train the course RPN that notebooks 04, 05 and 07 load and 07's Fast R-CNN head (cached in data/cache/course/)
 prepare: $(STAMP)
 	$(PY) -m rpnlab.lab.stage_training
 

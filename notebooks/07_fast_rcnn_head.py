@@ -32,7 +32,7 @@ smoke: bool = False  # tiny sizes for CI: a few training iterations on a handful
 record_path: str = ""  # JSON file for the key figures; empty: runs/records/07_fast_rcnn_head.json
 rpn_checkpoint: str = ""  # a trained RPN checkpoint.pt (notebook 04 prints where its runs are); empty: the course RPN (cached; trained here the first time)
 rpn_iterations: int = 250  # SGD steps of the RPN trained here when rpn_checkpoint is empty
-head_iterations: int = 150  # SGD steps of the Fast R-CNN head (backbone and RPN frozen)
+head_iterations: int = 150  # SGD steps of the Fast R-CNN head (backbone and RPN frozen; trained once, then loaded from the course cache)
 head_lr: float = 0.1  # learning rate of the head's SGD (warm-up, then cosine decay)
 batch_size: int = 8  # images per SGD step of the head
 num_images: int = 600  # training images
@@ -67,7 +67,7 @@ from rpnlab.lab.matching import plot_matching
 from rpnlab.lab.pitfalls import background_candidates, score_threshold_starvation
 from rpnlab.lab.reference import torchvision_postprocess
 from rpnlab.lab.roi import detection_funnel, plot_regression_targets
-from rpnlab.lab.stage_training import course_rpn, frozen_rpn_proposals, train_fast_rcnn_head
+from rpnlab.lab.stage_training import course_head, course_rpn, frozen_rpn_proposals
 
 record_file = records.begin("07_fast_rcnn_head", record_path)
 seed_everything(seed)
@@ -303,11 +303,17 @@ check.fast_rcnn_loss(my_fast_rcnn_loss)
 #
 # The backbone and the RPN stay frozen, so the features are constants and no gradient flows
 # back through RoI pooling: a fast way to get a useful head on a CPU
-# (`rpnlab.lab.stage_training.train_fast_rcnn_head`).
+# (`rpnlab.lab.stage_training.train_fast_rcnn_head`). Like the RPN, the head is trained once and
+# cached (`course_head`: keyed by the RPN's weights, the sampling and the training settings
+# above, so changing any of them trains a new one; `make prepare` trains it ahead of a
+# workshop); the cell says whether it trained or loaded it, and how long that took. The curves
+# are the losses of that training run.
 
 # %%
-model.roi_heads.target_sampler = sampler  # this notebook's sampling settings
-history = train_fast_rcnn_head(model, train_set, head_iterations, batch_size, lr=head_lr, seed=seed)
+head_run = course_head(model, head_iterations, num_images, batch_size=batch_size, lr=head_lr, seed=seed,
+                       batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction)
+print(head_run.describe())
+history = head_run.history
 plot_loss_curves(history, keys=ROI_LOSSES, smooth=max(1, head_iterations // 15),
                      title=f"Fast R-CNN head losses, {head_iterations} iterations of {batch_size} images")
 

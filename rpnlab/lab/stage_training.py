@@ -14,6 +14,12 @@ trained once with ``train_rpn`` into a cache folder keyed by the model preset an
 settings, then loaded by every later notebook in a second (with its loss records, which notebook
 04 draws). ``python -m rpnlab.lab.stage_training`` trains it with notebook 05's default
 parameters, and notebook 04's twin trained with the paper's loss normalisation.
+
+``course_head`` does the same for notebook 07's Fast R-CNN head: trained with
+``train_fast_rcnn_head`` on a given model's frozen RPN, cached under a key that covers the
+model's weights and config (so another RPN, or a retrained one, gets its own head), the sampling
+and the training settings; loaded into the model in a second when the cache has it.
+``make prepare`` trains it too, with notebook 07's defaults.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from rpnlab.config import DataConfig
 from rpnlab.engine.devices import resolve_device
 from rpnlab.engine.train import ROI_LOSSES, TrainResult, lr_factor, synthetic_train_config, train
 
-__all__ = ["CourseRPN", "course_cache_dir", "course_rpn", "frozen_rpn_proposals", "train_fast_rcnn_head", "train_rpn"]
+__all__ = ["CourseHead", "CourseRPN", "course_cache_dir", "course_head", "course_rpn", "frozen_rpn_proposals", "model_fingerprint", "train_fast_rcnn_head", "train_rpn"]
 
 
 def train_rpn(
@@ -275,11 +281,152 @@ def train_fast_rcnn_head(
     return history
 
 
-def _prepare() -> None:
-    """Train (or find) the course RPNs with the notebooks' default parameters: ``make prepare``.
+@dataclasses.dataclass
+class CourseHead:
+    """The course's Fast R-CNN head, loaded into (or trained on) the model ``course_head`` was given."""
 
-    The one notebooks 05 and 07 share (05's defaults), and notebook 04's pair: the same RPN and
-    its twin trained with the paper's loss normalisation (04's comparison)."""
+    model: nn.Module  # the model given, its ``roi_heads`` now trained
+    checkpoint: Path  # the cache file holding the head's weights and its loss records
+    trained_here: bool  # False: loaded from the cache
+    train_seconds: float  # how long its training took (then or now)
+    seconds: float  # how long this call took
+    history: list[dict[str, Any]]  # train_fast_rcnn_head's records, one per step
+    note: str = ""  # why a cache entry present was not used (unreadable, another key), else empty
+
+    def describe(self) -> str:
+        if self.trained_here:
+            why = f" ({self.note})" if self.note else ""
+            return (f"Fast R-CNN head trained here in {self.train_seconds:.0f} s{why} and cached at "
+                    f"{self.checkpoint}; the next run with these settings loads it in seconds "
+                    "(`make prepare` trains it ahead of time)")
+        return (f"Fast R-CNN head loaded from the course cache in {self.seconds:.1f} s ({self.checkpoint}; "
+                f"training it took {self.train_seconds:.0f} s)")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (hex) of a model's config and every tensor of its ``state_dict`` (names, dtypes,
+    shapes, values): two models with the same fingerprint compute the same thing."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _dataset_fingerprint(dataset) -> str:
+    """sha256 (hex, 16) of a dataset's first image and boxes: changes when its generator does."""
+    image, target = dataset[0]
+    digest = hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(target["boxes"].detach().cpu().contiguous().numpy().tobytes())
+    digest.update(target["labels"].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def course_head(model: nn.Module, iterations: int, num_images: int = 600, batch_size: int = 8,
+                lr: float = 0.02, seed: int = 0, batch_size_per_image: int | None = None,
+                positive_fraction: float | None = None, warmup_iters: int = 20, momentum: float = 0.9,
+                weight_decay: float = 1e-4, cache_dir: str | os.PathLike | None = None,
+                refresh: bool = False, device: str | torch.device | None = None) -> CourseHead:
+    """The Fast R-CNN head of ``model`` trained on its frozen RPN: loaded from the cache, or
+    trained (``train_fast_rcnn_head``) and cached.
+
+    Args:
+        model: an ``rpnlab.detector.model.FasterRCNN`` (the course RPN, or one from a checkpoint);
+            its ``roi_heads`` is changed in place (loaded or trained), the rest left as it was.
+        iterations, batch_size, lr, warmup_iters, momentum, weight_decay, seed: ``train_fast_rcnn_head``'s.
+        num_images: training images, the first ones of the synthetic train split of ``seed``.
+        batch_size_per_image, positive_fraction: the RoI sampling of the head's loss (default the
+            model's ``config.roi``); the model's ``roi_heads.target_sampler`` becomes this sampler.
+        refresh: retrain even when the cache has the head.
+    The key covers the model's config and weights (``model_fingerprint``: another RPN, a retrained
+    one or another initial head gets its own entry), the sampling, the training settings and the
+    data. An entry that cannot be read or was written for another key is retrained and replaced,
+    and ``CourseHead.note`` says why.
+    """
+    from rpnlab.data import SyntheticShapes
+    from rpnlab.detector.roi_heads import ProposalTargetSampler
+    from rpnlab.engine.checkpoint import (
+        CheckpointError,
+        first_non_finite,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    for name, value in (("iterations", iterations), ("num_images", num_images), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    roi_cfg = model.roi_heads.config
+    roi_cfg = dataclasses.replace(
+        roi_cfg,
+        batch_size_per_image=roi_cfg.batch_size_per_image if batch_size_per_image is None else batch_size_per_image,
+        positive_fraction=roi_cfg.positive_fraction if positive_fraction is None else positive_fraction,
+    ).validate()
+    start = time.perf_counter()
+    dataset = SyntheticShapes("train", num_images=num_images, seed=seed)
+    key = {"model": model_fingerprint(model), "roi": dataclasses.asdict(roi_cfg), "iterations": iterations,
+           "num_images": num_images, "batch_size": batch_size, "lr": lr, "seed": seed,
+           "warmup_iters": warmup_iters, "momentum": momentum, "weight_decay": weight_decay,
+           "data": _dataset_fingerprint(dataset)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) if cache_dir is not None else course_cache_dir()
+    checkpoint = folder / f"head-{iterations}it-{num_images}img-bs{batch_size}-seed{seed}-{digest}" / "head.pt"
+    model.roi_heads.target_sampler = ProposalTargetSampler.from_config(
+        roi_cfg, generator=torch.Generator().manual_seed(seed))
+    dev = next(model.parameters()).device if device is None else resolve_device(device)
+    note = ""
+    if checkpoint.is_file() and not refresh:
+        # load_state_dict copies tensor by tensor: a bad entry could leave the head half loaded,
+        # and the head retrained from there would not be the one the key names.
+        initial = {k: v.clone() for k, v in model.roi_heads.state_dict().items()}
+        try:
+            state = load_checkpoint(checkpoint, map_location=dev)
+            if state.get("key") != digest:
+                raise CheckpointError(f"it was written for key {state.get('key')!r}, not {digest!r}")
+            bad = first_non_finite(state["roi_heads"], "roi_heads")
+            if bad:
+                raise CheckpointError(f"{bad} holds NaN or infinity")
+            model.to(dev)
+            model.roi_heads.load_state_dict(state["roi_heads"])
+            return CourseHead(model, checkpoint, False, float(state["train_seconds"]),
+                              time.perf_counter() - start, list(state["history"]))
+        except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as err:
+            model.roi_heads.load_state_dict(initial)
+            note = f"the cached {checkpoint.name} was unusable, so retrained: {str(err).splitlines()[0]}"
+    train_start = time.perf_counter()
+    history = train_fast_rcnn_head(model, dataset, iterations, batch_size, lr=lr, momentum=momentum,
+                                   weight_decay=weight_decay, warmup_iters=warmup_iters, seed=seed, device=dev)
+    train_seconds = time.perf_counter() - train_start
+    state = {"key": digest, "roi_heads": model.roi_heads.state_dict(), "history": history,
+             "train_seconds": train_seconds, "device": str(dev)}
+    save_checkpoint(checkpoint, state)  # atomic: a killed run leaves no half-written entry
+    _write_json(checkpoint.parent / "course.json", {**key, "key": digest, "train_seconds": train_seconds,
+                                                    "device": str(dev)})  # for people; never read
+    return CourseHead(model, checkpoint, True, train_seconds, time.perf_counter() - start, history, note)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` atomically (a temp file in its folder, then ``os.replace``)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _prepare() -> None:
+    """Train (or find) the course models with the notebooks' default parameters: ``make prepare``.
+
+    The RPN notebooks 05 and 07 share (05's defaults), notebook 04's pair (the same RPN and its
+    twin trained with the paper's loss normalisation, 04's comparison), and notebook 07's Fast
+    R-CNN head on that RPN (07's defaults)."""
     import ast
 
     import papermill
@@ -301,6 +448,13 @@ def _prepare() -> None:
         rpn = course_rpn(nb04["iterations"], nb04["num_images"], seed=nb04["seed"], batch_size=nb04["batch_size"],
                          objectness=nb04["objectness"], loss_normalization=norm, need_history=True)
         print(f"notebook 04, {norm} normalisation: {rpn.describe()}")
+    nb07 = defaults("07_fast_rcnn_head.ipynb", ("rpn_iterations", "num_images", "seed", "head_iterations", "head_lr",
+                                                "batch_size", "batch_size_per_image", "positive_fraction"))
+    rpn = course_rpn(nb07["rpn_iterations"], nb07["num_images"], seed=nb07["seed"])
+    head = course_head(rpn.model, nb07["head_iterations"], nb07["num_images"], batch_size=nb07["batch_size"],
+                       lr=nb07["head_lr"], seed=nb07["seed"], batch_size_per_image=nb07["batch_size_per_image"],
+                       positive_fraction=nb07["positive_fraction"])
+    print(f"notebook 07: {head.describe()}")
 
 
 if __name__ == "__main__":
