@@ -21,7 +21,9 @@ sent the PNG, and the Lab put it in the page) and the moment that image is decod
 frame begins (``painted``). Changes are one at a time: the next waits for the explorer's status
 line to update. Columns: control, median / p90 / max ms to the figure, median ms to paint, the kernel's own compute + draw (wall, from the explorer's status line),
 ``rest``: per change, figure minus kernel (the comm messages, the Lab's rendering of the output,
-the page), n, and the 1-minute load average. 05 runs smoke-sized by default: the full-size course RPN is trained on first use
+the page), ``cpu``: the CPU time the Lab server and its kernels spent per change (from ``/proc``,
+user + system; it leaves out the time spent waiting for a core, so it moves little with load:
+the number to compare across machines and runs), n, and the 1-minute load average. 05 runs smoke-sized by default: the full-size course RPN is trained on first use
 (minutes); the explorer's work depends on the image and anchor count, which smoke size keeps.
 
 Wall-clock times: on a shared machine they include waiting for the cores; the load average is
@@ -122,13 +124,41 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and all its descendants: the Lab server and its kernels.
+
+    Read from ``/proc`` (Linux); NaN elsewhere. Unlike wall time it does not count waiting for a
+    core, so it reads about the same on a busy machine.
+    """
+    stats = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue  # the process ended while we looked
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+        stats[int(entry.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    if pid not in stats:
+        return float("nan")
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(child)
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats[p][1]
+        todo += children.get(p, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _status_text(explorer, needle: str) -> str:
     return explorer.locator(".widget-html-content", has_text=needle).first.inner_text()
 
 
-def _one_change(page, explorer, act, status_before: str, needle: str, timeout_s: float) -> dict:
+def _one_change(page, explorer, act, status_before: str, needle: str, timeout_s: float, server_pid: int) -> dict:
     """Do ``act()``, wait for the status line to change, then for the figure mark; return the times."""
     marks_before = page.evaluate("() => window.__bench.marks.length")
+    cpu_before = _tree_cpu_seconds(server_pid)
     act()
     deadline = time.monotonic() + timeout_s
     status = status_before
@@ -148,6 +178,7 @@ def _one_change(page, explorer, act, status_before: str, needle: str, timeout_s:
             mark = marks[-1]
             break
         time.sleep(0.05)
+    cpu = _tree_cpu_seconds(server_pid) - cpu_before
     if mark is None:
         return {"ok": False, "why": "status updated but no new figure (same PNG?)", "status": status}
     kernel = _KERNEL_MS.search(status)
@@ -155,6 +186,7 @@ def _one_change(page, explorer, act, status_before: str, needle: str, timeout_s:
         "ok": True, "status": status,
         "figure_ms": mark["figure"] - mark["t0"], "painted_ms": mark["painted"] - mark["t0"],
         "kernel_ms": float(kernel.group(1)) + float(kernel.group(2)) if kernel else float("nan"),
+        "server_cpu_ms": 1000 * cpu,
     }
 
 
@@ -211,7 +243,7 @@ def bench_notebook(browser, lab, name: str, spec: dict, changes: int, run_timeou
         for act in _actions(page, explorer, control, changes):
             before = _status_text(explorer, spec["status"])
             time.sleep(0.3)  # the kernel idle, the page settled
-            results.append(_one_change(page, explorer, act, before, spec["status"], change_timeout_s))
+            results.append(_one_change(page, explorer, act, before, spec["status"], change_timeout_s, lab["pid"]))
             load.append(os.getloadavg()[0])
             values.append(_value(page, explorer, control))
         good = [r for r in results if r["ok"]]
@@ -224,6 +256,7 @@ def bench_notebook(browser, lab, name: str, spec: dict, changes: int, run_timeou
             "max_ms": max(fig) if fig else float("nan"),
             "painted_median_ms": statistics.median([r["painted_ms"] for r in good]) if good else float("nan"),
             "kernel_median_ms": statistics.median([r["kernel_ms"] for r in good]) if good else float("nan"),
+            "server_cpu_median_ms": statistics.median([r["server_cpu_ms"] for r in good]) if good else float("nan"),
             # Per change, what the kernel's compute + draw leaves: messages, the Lab, the page.
             "overhead_median_ms": statistics.median([r["figure_ms"] - r["kernel_ms"] for r in good]) if good
             else float("nan"),
@@ -283,16 +316,17 @@ def main() -> None:
     load_after = os.getloadavg()
 
     header = f"{'control':<24} {'size':>5} {'median ms':>9} {'p90 ms':>7} {'max ms':>7} {'paint ms':>8} " \
-             f"{'kernel ms':>9} {'rest ms':>7} {'n':>3} {'load':>5}"
+             f"{'kernel ms':>9} {'rest ms':>7} {'cpu ms':>6} {'n':>3} {'load':>5}"
     print(f"\nexplorer latency in headless Chromium, input event -> new figure in the page (goal < {GOAL_MS:.0f} ms)")
     print(header)
     for r in rows:
         print(f"{r['control']:<24} {sizes[r['notebook']]:>5} {r['median_ms']:>9.0f} {r['p90_ms']:>7.0f} "
               f"{r['max_ms']:>7.0f} {r['painted_median_ms']:>8.0f} {r['kernel_median_ms']:>9.0f} "
-              f"{r['overhead_median_ms']:>7.0f} {r['n']:>3} "
+              f"{r['overhead_median_ms']:>7.0f} {r['server_cpu_median_ms']:>6.0f} {r['n']:>3} "
               f"{r['load_avg_1min']:>5.2f}")
     print("paint ms: to the first frame after the new image is decoded; kernel ms: compute + draw as the explorer's "
-          "status line reports it (wall); rest ms: median per change of figure - kernel (messages, the Lab, the page)")
+          "status line reports it (wall); rest ms: median per change of figure - kernel (messages, the Lab, the page); "
+          "cpu ms: CPU time of the Lab server and its kernels per change (not counting waits for a core)")
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {os.cpu_count()} CPUs")
 
     out = Path(args.out)
@@ -310,7 +344,7 @@ def main() -> None:
         r["size"] = sizes[r["notebook"]]
     (out / "browser.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2), encoding="utf-8")
     columns = ["control", "notebook", "size", "median_ms", "p90_ms", "max_ms", "painted_median_ms",
-               "kernel_median_ms", "overhead_median_ms", "n", "missed", "load_avg_1min"]
+               "kernel_median_ms", "overhead_median_ms", "server_cpu_median_ms", "n", "missed", "load_avg_1min"]
     with (out / "browser.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

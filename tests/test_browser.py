@@ -81,7 +81,7 @@ def _smoke_copy(name: str, folder: Path) -> Path:
 def lab_server(served: Path, tmp: Path, start_timeout_s: float = 90):
     """A JupyterLab on 127.0.0.1 serving ``served``, with the project's settings (``.jupyter/``) and
     nothing of whoever runs it (config, runtime and settings under ``tmp``); yields
-    ``{"base": url, "served": served, "log": path}``. Also used by ``benchmarks/bench_browser.py``."""
+    ``{"base": url, "served": served, "log": path, "pid": the server's process id}``. Also used by ``benchmarks/bench_browser.py``."""
     port = _free_port()
     env = dict(
         os.environ,
@@ -115,7 +115,7 @@ def lab_server(served: Path, tmp: Path, start_timeout_s: float = 90):
             assert server.poll() is None, (tmp / "lab.log").read_text()[-3000:]
             assert time.monotonic() < deadline, f"JupyterLab did not start within {start_timeout_s:.0f} s"
             time.sleep(0.5)
-        yield {"base": base, "served": served, "log": tmp / "lab.log"}
+        yield {"base": base, "served": served, "log": tmp / "lab.log", "pid": server.pid}
     finally:
         server.terminate()
         try:
