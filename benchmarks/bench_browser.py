@@ -342,6 +342,7 @@ def main() -> None:
     }
     for r in rows:
         r["size"] = sizes[r["notebook"]]
+        r.update({k: round(v, 1) for k, v in r.items() if isinstance(v, float)})
     (out / "browser.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2), encoding="utf-8")
     columns = ["control", "notebook", "size", "median_ms", "p90_ms", "max_ms", "painted_median_ms",
                "kernel_median_ms", "overhead_median_ms", "server_cpu_median_ms", "n", "missed", "load_avg_1min"]
