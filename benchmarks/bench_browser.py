@@ -19,12 +19,17 @@ the input event (``keydown`` / ``pointerdown``), and a ``MutationObserver`` on t
 the moment its ``<img>`` gets a new ``src`` (``figure``: the kernel computed, drew, encoded and
 sent the PNG, and the Lab put it in the page) and the moment that image is decoded and the next
 frame begins (``painted``). Changes are one at a time: the next waits for the explorer's status
-line to update. Columns: control, median / p90 / max ms to the figure, median ms to paint, the kernel's own compute + draw (wall, from the explorer's status line),
-``rest``: per change, figure minus kernel (the comm messages, the Lab's rendering of the output,
-the page), ``cpu``: the CPU time the Lab server and its kernels spent per change (from ``/proc``,
-user + system; it leaves out the time spent waiting for a core, so it moves little with load:
-the number to compare across machines and runs), n, and the 1-minute load average. 05 runs smoke-sized by default: the full-size course RPN is trained on first use
-(minutes); the explorer's work depends on the image and anchor count, which smoke size keeps.
+line to update (the page is polled every 50 ms meanwhile). Columns: control, median / p90 / max
+ms to the figure, median ms to paint, ``kernel``: the explorer's own compute + draw (wall, from
+its status line), ``rest``: per change, figure minus kernel (the comm messages, the Lab's
+rendering of the output, the page), ``cpu``: the CPU time the Lab server and its kernels spent
+per change (``/proc``, user + system; it leaves out waiting for a core, so it moves little with
+load: the number to compare across machines and runs), n, and the 1-minute load average.
+
+05 runs smoke-sized by default (``--smoke 05``): its full size trains the course RPN on first use
+(minutes), and the explorer's work depends on the image and the anchor count, which smoke size
+keeps (the smoke RPN's scores differ, so NMS keeps other boxes). 01 and 03 run full size (their
+explorers read 600 images).
 
 Wall-clock times: on a shared machine they include waiting for the cores; the load average is
 printed and written with them. Needs Playwright and Chromium as ``tests/test_browser.py`` does.
@@ -274,7 +279,7 @@ def bench_notebook(browser, lab, name: str, spec: dict, changes: int, run_timeou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--changes", type=int, default=10, help="changes per control")
-    parser.add_argument("--smoke", default="05", help="comma-separated notebook numbers run smoke-sized (default 05)")
+    parser.add_argument("--smoke", default="05", help="comma-separated notebook numbers run smoke-sized (default 05; \"\": none)")
     parser.add_argument("--only", default="", help="only the notebooks whose name contains this")
     parser.add_argument("--out", default="runs/bench", help="folder for browser.csv and browser.json")
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds Run All may take per notebook")
