@@ -10,7 +10,7 @@ RUN_OUT ?=
 # Two workers on two cores: each keeps torch to one thread so they do not fight.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test smoke lint fmt check bench bench-detector gpu-check wheelhouse clean lab results prepare
+.PHONY: setup run test smoke lint fmt check bench bench-browser bench-detector gpu-check wheelhouse clean lab results prepare
 
 setup: $(STAMP)
 
@@ -57,6 +57,10 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py --out runs/bench --markdown runs/bench/bench_ops.md
 	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) benchmarks/bench_explorers.py --out runs/bench
+
+## Explorer latency in headless Chromium (Playwright, Debian's chromium): input event -> new figure in the page; CSV/JSON in runs/bench/
+bench-browser: $(STAMP)
+	$(PY) benchmarks/bench_browser.py --out runs/bench
 
 ## The whole-detector benchmark: both detectors trained for the same time budget, then mAP
 bench-detector: $(STAMP)

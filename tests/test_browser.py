@@ -16,6 +16,7 @@ test is skipped, saying which is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -76,14 +77,11 @@ def _smoke_copy(name: str, folder: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab on 127.0.0.1 with the project's settings, serving smoke copies of 01 and 03."""
-    tmp = tmp_path_factory.mktemp("lab")
-    served = tmp / "notebooks"
-    served.mkdir()
-    for name in ("01_anchors", "03_matching_sampling"):
-        _smoke_copy(name, served)
+@contextlib.contextmanager
+def lab_server(served: Path, tmp: Path, start_timeout_s: float = 90):
+    """A JupyterLab on 127.0.0.1 serving ``served``, with the project's settings (``.jupyter/``) and
+    nothing of whoever runs it (config, runtime and settings under ``tmp``); yields
+    ``{"base": url, "served": served, "log": path, "pid": the server's process id}``. Also used by ``benchmarks/bench_browser.py``."""
     port = _free_port()
     env = dict(
         os.environ,
@@ -106,7 +104,7 @@ def lab(tmp_path_factory):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + start_timeout_s
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/api/status", timeout=5) as response:
@@ -115,9 +113,9 @@ def lab(tmp_path_factory):
             except OSError:
                 pass
             assert server.poll() is None, (tmp / "lab.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "JupyterLab did not start within 90 s"
+            assert time.monotonic() < deadline, f"JupyterLab did not start within {start_timeout_s:.0f} s"
             time.sleep(0.5)
-        yield {"base": base, "served": served, "log": tmp / "lab.log"}
+        yield {"base": base, "served": served, "log": tmp / "lab.log", "pid": server.pid}
     finally:
         server.terminate()
         try:
@@ -125,6 +123,18 @@ def lab(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab on 127.0.0.1 with the project's settings, serving smoke copies of 01 and 03."""
+    tmp = tmp_path_factory.mktemp("lab")
+    served = tmp / "notebooks"
+    served.mkdir()
+    for name in ("01_anchors", "03_matching_sampling"):
+        _smoke_copy(name, served)
+    with lab_server(served, tmp) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
