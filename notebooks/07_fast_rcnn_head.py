@@ -281,6 +281,7 @@ torch.testing.assert_close(loss_classifier, tv_classifier)
 torch.testing.assert_close(loss_box_reg, tv_box_reg)
 print("losses match torchvision's fastrcnn_loss: True")
 
+
 # %% [markdown]
 # ### Exercise 2: the Fast R-CNN loss
 #
