@@ -157,6 +157,9 @@ def _signal_at_step(monkeypatch, step: int, signum: int):
 def test_a_signal_saves_at_the_current_step_and_resume_continues_the_same_run(signum, code, tmp_path, capsys,
                                                                             monkeypatch):
     common = ["--root", tmp_path / "syn", *TINY, "--epochs", "2", "--checkpoint-every", "5"]
+    # What SIGINT did before (the default handler, or SIG_IGN when a shell started the tests in the
+    # background): the trainer must put exactly that back.
+    before = signal.getsignal(signal.SIGINT)
     assert run_cli(["train", *common, "--out-dir", tmp_path / "straight"], capsys)[0] == 0
     with monkeypatch.context() as m:
         _signal_at_step(m, 1, signum)
@@ -170,7 +173,7 @@ def test_a_signal_saves_at_the_current_step_and_resume_continues_the_same_run(si
     state = load_checkpoint(saved)
     assert state["step"] == 2
     assert temp_files(tmp_path / "stopped") == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert signal.getsignal(signal.SIGINT) is before  # handlers put back
     status, _ = run_cli(["train", "--resume", tmp_path / "stopped" / "checkpoint.pt", "--out-dir",
                          tmp_path / "stopped", "--no-progress"], capsys)
     assert status == 0
