@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from rpnlab.lab.exercises import EXERCISES, all_exercises, check, exercise, instructor, solutions
 from rpnlab.lab.exercises.core import FAIL, PASS, TODO, run
+from tests.test_fpn import FPN_MISTAKES
 from tests.test_notebooks import NOTEBOOK_DIR
 
 EXERCISE_IDS = [e.name for e in all_exercises()]
@@ -232,6 +233,7 @@ MISTAKES = [
     ("rpn_loss", _rpn_over_positives, "negatives only", "not NaN"),
     ("rpn_loss", lambda o, d, lab, t: _rpn_over_positives(o, d, lab.clamp(max=1), t) if (lab == 1).any()
      else solutions.rpn_loss(o, d, lab, t), "divisor", "SAMPLED"),
+    *FPN_MISTAKES,  # notebook 10's, defined with their helpers in tests/test_fpn.py
 ]
 
 
