@@ -169,6 +169,7 @@ def bench_rpnlab(data_cfg: DataConfig, budget_s: float, device: str, out_dir: Pa
         "images_per_s": result.images / train_s,
         "train_s": train_s,
         "threads": threads,
+        "amp": trainer.amp,
         "cpu_ms_per_iteration": 1000 * cpu_s / max(result.iterations, 1),
         "stop_reason": "time_budget" if result.stop_reason == "callback" else result.stop_reason,
         "parameters": sum(p.numel() for p in result.model.parameters()),
@@ -269,14 +270,14 @@ def bench_torchvision(data_cfg: DataConfig, budget_s: float, device: torch.devic
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| detector | mAP@0.5 | mAP@[.5:.95] | iterations | images/s | training s | threads | CPU ms/it | parameters |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| detector | mAP@0.5 | mAP@[.5:.95] | iterations | images/s | training s | threads | amp | CPU ms/it | parameters |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         cpu = f"{r['cpu_ms_per_iteration']:.0f}" if "cpu_ms_per_iteration" in r else "-"
         lines.append(
             f"| {r['name']} | {100 * r['map_50']:.1f} | {100 * r['map']:.1f} | {r['iterations']} | "
-            f"{r['images_per_s']:.1f} | {r['train_s']:.0f} | {r.get('threads', '-')} | {cpu} | "
+            f"{r['images_per_s']:.1f} | {r['train_s']:.0f} | {r.get('threads', '-')} | {r.get('amp', 'off')} | {cpu} | "
             f"{r['parameters'] / 1e6:.2f}M |"
         )
     return "\n".join(lines)

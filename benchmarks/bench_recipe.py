@@ -29,7 +29,7 @@ from rpnlab.data import build_dataset
 from rpnlab.detector.model import synthetic_model_config
 from rpnlab.engine.train import Trainer, evaluate, synthetic_train_config
 
-VARIANTS = ("preset", "old-roi", "batch2")
+VARIANTS = ("preset", "old-roi", "batch2", "bf16", "fp32")
 
 
 def configs(variant: str, epochs: int, seed: int, out_dir: str):
@@ -42,6 +42,8 @@ def configs(variant: str, epochs: int, seed: int, out_dir: str):
             model_cfg.rpn.pre_nms_top_n_train = 1000
         elif part == "batch2":
             train["batch_size"] = 2
+        elif part in ("bf16", "fp32"):  # bfloat16 autocast, or none
+            train["amp"] = "bf16" if part == "bf16" else "off"
         elif part != "preset":
             raise ValueError(f"--variant {variant!r}: unknown part {part!r}, expected some of {', '.join(VARIANTS)}")
     return model_cfg.validate(), synthetic_train_config(**train)

@@ -86,7 +86,7 @@ _CHOICES = {
     ("train", "schedule"): ("joint", "alternating", "rpn"),
     ("train", "alternating_init"): ("fresh", "step1"),
     ("train", "lr_schedule"): ("cosine", "step"),
-    ("train", "amp"): ("off", "bf16", "fp16"),
+    ("train", "amp"): ("off", "auto", "bf16", "fp16"),
 }
 
 _HELP = {

@@ -343,7 +343,7 @@ class TrainConfig:
     warmup_iters: int = 100
     lr_schedule: str = "cosine"  # "cosine" or "step"
     lr_steps: tuple[int, ...] = ()  # epochs at which "step" divides lr by 10
-    amp: str = "off"  # "off", "bf16", "fp16" (CUDA only)
+    amp: str = "off"  # "off", "auto" (bf16 where the device has it natively: AMX CPUs, recent GPUs), "bf16", "fp16" (CUDA only)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     seed: int = 0
     num_workers: int = 0
@@ -351,8 +351,9 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     max_iters: int | None = None  # stop after this many iterations (smoke runs), None = all epochs
     time_budget_s: float | None = None  # stop after this many seconds of training
-    # 4-step schedule, step 2's backbone: "fresh" (as built: random, or the pretrained weights, as the
-    # paper) or "step1" (a copy of step 1's trained backbone: from scratch, the stand-in for ImageNet)
+    # 4-step schedule, step 2's backbone and step 3's RPN layers: "fresh" (as built: random, or the
+    # pretrained weights, as the paper) or "step1" (copies of step 1's trained ones: from scratch,
+    # the stand-in for ImageNet)
     alternating_init: str = "fresh"
     # 4-step schedule: the epochs of steps 1-4 in this proportion (py-faster-rcnn's iteration
     # counts: 2 : 1 : 2 : 1). From scratch, the detector steps need more of a short budget.
@@ -375,7 +376,7 @@ class TrainConfig:
             _fail("lr_steps", self.lr_steps, "epochs >= 1 (when the step schedule divides the learning rate)")
         if list(self.lr_steps) != sorted(set(self.lr_steps)):
             _fail("lr_steps", self.lr_steps, "increasing epochs, each once")
-        _choice("amp", self.amp, ("off", "bf16", "fp16"))
+        _choice("amp", self.amp, ("off", "auto", "bf16", "fp16"))
         _choice("alternating_init", self.alternating_init, ("fresh", "step1"))
         split = self.alternating_split
         if not (isinstance(split, (tuple, list)) and len(split) == 4

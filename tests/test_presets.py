@@ -71,11 +71,14 @@ def test_gpu_preset_runs_forward_on_the_cpu():
     assert detections[0]["boxes"].shape[1] == 4
 
 
-def test_gpu_preset_refuses_a_cpu_without_being_told(tmp_path):
+def test_gpu_preset_refuses_a_cpu_without_being_told(tmp_path, monkeypatch):
+    from rpnlab.engine import devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda device: False)  # a CPU without AMX / AVX512-BF16
     model_cfg, data_cfg, train_cfg = preset_configs("gpu")
     train_cfg.device, train_cfg.out_dir = "cpu", str(tmp_path)
     data_cfg.num_train, data_cfg.root = 1, str(tmp_path)
-    with pytest.raises(ValueError, match="amp='bf16' needs a CUDA device"):
+    with pytest.raises(ValueError, match="amp='bf16' needs CUDA or a CPU with native bfloat16"):
         Trainer(model_cfg, data_cfg, train_cfg, progress=False)
 
 

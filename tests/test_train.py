@@ -7,6 +7,7 @@ import torch
 
 from rpnlab.config import DataConfig, TrainConfig
 from rpnlab.detector.model import synthetic_model_config
+from rpnlab.engine import devices
 from rpnlab.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
 from rpnlab.engine.train import (
     ROI_LOSSES,
@@ -254,7 +255,7 @@ def test_alternating_schedule_freezes_the_shared_convs(tmp_path):
     assert all(p.requires_grad for p in final.parameters())  # handed back unfrozen
 
 
-def test_alternating_step2_can_start_from_step1s_backbone(tmp_path):
+def test_alternating_steps_2_and_3_can_start_from_step1s_weights(tmp_path):
     # With a vanishing learning rate one step of step 2 hardly moves the weights, so its backbone
     # is still (close to) what it started from: step 1's with "step1", a fresh one with "fresh".
     for init in ("fresh", "step1"):
@@ -264,13 +265,17 @@ def test_alternating_step2_can_start_from_step1s_backbone(tmp_path):
         seen = {}
 
         def check(record, trainer=trainer, seen=seen):
-            if record["stage"] == "step2_fast_rcnn" and not seen:
-                seen["close"] = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(
+            if record["stage"] == "step2_fast_rcnn" and "backbone" not in seen:
+                seen["backbone"] = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(
                     _params(trainer.model.backbone), _params(trainer.rpn_model.backbone)))
+            if record["stage"] == "step3_rpn" and "rpn" not in seen:  # and step 3's RPN layers
+                seen["rpn"] = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(
+                    _params(trainer.model.rpn), _params(trainer.rpn_model.rpn)))
 
         trainer.callback = check
         trainer.run()
-        assert seen["close"] == (init == "step1"), init
+        assert seen["backbone"] == (init == "step1"), init
+        assert seen["rpn"] == (init == "step1"), init
 
 
 def test_rpn_schedule_trains_only_the_rpn(tmp_path):
@@ -285,9 +290,13 @@ def test_rpn_schedule_trains_only_the_rpn(tmp_path):
     assert not _same(backbone_before, _params(result.model.backbone))
 
 
-def test_bad_settings_are_reported(tmp_path):
+def test_bad_settings_are_reported(tmp_path, monkeypatch):
+    model_cfg, data_cfg, train_cfg = tiny_configs(tmp_path, amp="fp16")
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
+        Trainer(model_cfg, data_cfg, train_cfg, progress=False)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: False)  # a CPU without AMX / AVX512-BF16
     model_cfg, data_cfg, train_cfg = tiny_configs(tmp_path, amp="bf16")
-    with pytest.raises(ValueError, match="amp='bf16' needs a CUDA device"):
+    with pytest.raises(ValueError, match="amp='bf16' needs CUDA or a CPU with native bfloat16"):
         Trainer(model_cfg, data_cfg, train_cfg, progress=False)
     model_cfg, data_cfg, train_cfg = tiny_configs(tmp_path)
     model_cfg.num_classes = 5
@@ -295,6 +304,32 @@ def test_bad_settings_are_reported(tmp_path):
         Trainer(model_cfg, data_cfg, train_cfg, progress=False)
     with pytest.raises(TypeError, match="train_cfg must be a TrainConfig"):
         Trainer(synthetic_model_config(), data_cfg, {"epochs": 1}, progress=False)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_auto_uses_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(devices, "native_bf16", lambda device: native)
+    model_cfg, data_cfg, train_cfg = tiny_configs(tmp_path, amp="auto", max_iters=2)
+    trainer = Trainer(model_cfg, data_cfg, train_cfg, progress=False)
+    assert trainer.amp == ("bf16" if native else "off")
+    seen = set()
+    for module in trainer.model.backbone.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, inputs, out: seen.add(out.dtype))
+    result = trainer.run()
+    assert result.iterations == 2 and all(math.isfinite(h["total"]) for h in result.history)
+    # Under autocast the convolutions compute in bfloat16; without it, in float32.
+    assert seen == {torch.bfloat16 if native else torch.float32}
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not devices.native_bf16("cpu") and devices.resolve_amp("auto", "cpu") == "off"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert devices.native_bf16("cpu") and devices.resolve_amp("auto", "cpu") == "bf16"
+    assert devices.resolve_amp("off", "cpu") == "off"
+    assert not devices.native_bf16("meta")
 
 
 def test_evaluate_reports_voc_coco_and_recall(tmp_path):

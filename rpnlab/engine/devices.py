@@ -143,11 +143,45 @@ def configure_cpu_threads() -> int | None:
     return threads
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively, so that bf16 autocast makes training faster.
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: AMX tiles or AVX512-BF16
+    (Intel Sapphire Rapids and later, AMD Zen 4 and later); without them oneDNN emulates bf16 and
+    a step gets slower, not faster. MPS: no.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_amp(amp: str, device: str | torch.device) -> str:
+    """The mixed precision a run on ``device`` uses for ``TrainConfig.amp``: ``"off"``, ``"bf16"`` or ``"fp16"``.
+
+    ``"auto"`` is ``"bf16"`` where the device has native bfloat16 (``native_bf16``), else ``"off"``.
+    An explicit choice the device cannot honour is an error naming it: ``"fp16"`` needs CUDA (its
+    loss scaling is CUDA's), ``"bf16"`` needs CUDA or a CPU with native bfloat16.
+    """
+    dev = torch.device(device)
+    if amp == "auto":
+        return "bf16" if native_bf16(dev) else "off"
+    if amp == "fp16" and dev.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device, but training runs on {dev}; use amp='auto' or 'off'")
+    if amp == "bf16" and not (dev.type == "cuda" or (dev.type == "cpu" and native_bf16(dev))):
+        where = "this CPU has no native bfloat16 (AMX or AVX512-BF16)" if dev.type == "cpu" else f"on {dev}"
+        raise ValueError(f"amp='bf16' needs CUDA or a CPU with native bfloat16, but {where}; use amp='auto' or 'off'")
+    return amp
+
+
 def describe_environment(device: str | torch.device = "auto") -> dict:
     """Versions and hardware as a plain dict (notebook 00 prints it; reports keep it for later).
 
     Keys: python, platform, torch, torchvision, numpy, cuda (version or None), cudnn, device,
-    device_name, gpu_count, cpu_threads, cpu_count, mps.
+    device_name, gpu_count, cpu_threads, cpu_count, cpu_native_bf16, mps.
     """
     import torchvision
 
@@ -172,5 +206,6 @@ def describe_environment(device: str | torch.device = "auto") -> dict:
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_native_bf16": native_bf16("cpu"),
         "mps": _mps_available(),
     }

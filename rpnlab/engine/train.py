@@ -16,7 +16,8 @@ Schedules (``TrainConfig.schedule``):
   shared). 4: keep B frozen, train the Fast R-CNN head layers on step 3's proposals. The epochs
   are split 2 : 1 : 2 : 1, as py-faster-rcnn's iteration counts. The paper starts steps 1 and 2
   from the same ImageNet weights; from scratch, ``alternating_init="step1"`` starts step 2 from
-  step 1's trained backbone instead of a random one (its stand-in for that pre-training).
+  step 1's trained backbone instead of a random one (its stand-in for that pre-training), and
+  step 3's RPN layers from step 1's trained ones instead of random ones.
 - ``"rpn"``: backbone + RPN only (for studying proposals).
 
 Resuming restores the model, optimiser, scheduler, AMP scaler, step, epoch and every RNG, and the
@@ -68,7 +69,7 @@ from rpnlab.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from rpnlab.engine.devices import configure_cpu_threads, resolve_device, seed_everything
+from rpnlab.engine.devices import configure_cpu_threads, resolve_amp, resolve_device, seed_everything
 
 __all__ = [
     "PARAMETER_LIMIT",
@@ -111,7 +112,7 @@ def synthetic_train_config(**overrides: Any) -> TrainConfig:
     # From scratch, the 4-step schedule's step 2 starts from step 1's backbone (see TrainConfig),
     # and gets half the epochs: it trains the features and the head, while steps 3 and 4 only
     # fine-tune a few layers on a frozen backbone (py-faster-rcnn's 2:1:2:1 gave step 2 a sixth).
-    cfg = TrainConfig(epochs=24, batch_size=4, lr=0.05, warmup_iters=50, lr_schedule="cosine",
+    cfg = TrainConfig(epochs=24, batch_size=4, lr=0.05, warmup_iters=50, lr_schedule="cosine", amp="auto",
                       alternating_init="step1", alternating_split=(1, 3, 1, 1))
     for key, value in overrides.items():
         setattr(cfg, key, value)
@@ -421,9 +422,8 @@ class Trainer:
         self.device = resolve_device(train_cfg.device)
         # On a shared CPU, more torch threads than free cores makes every step wait (issue 11).
         self.cpu_threads = configure_cpu_threads() if self.device.type == "cpu" else None
-        if train_cfg.amp != "off" and self.device.type != "cuda":
-            raise ValueError(f"amp={train_cfg.amp!r} needs a CUDA device, but training runs on {self.device}; "
-                             "use amp='off'")
+        # "auto": bf16 where the device computes it natively (AMX CPUs, recent GPUs), else off.
+        self.amp = resolve_amp(train_cfg.amp, self.device)
         self._owns_process_group = _init_distributed(self.device)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -585,7 +585,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, LRSchedule(total, cfg.warmup_iters, cfg.lr_schedule, milestones)
         )
-        scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         wrapped = net
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -599,9 +599,9 @@ class Trainer:
     # -- one iteration -----------------------------------------------------------------------
 
     def _autocast(self):
-        if self.cfg.amp == "off":
+        if self.amp == "off":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _losses(self, stage: Stage, wrapped: nn.Module, images, targets) -> dict[str, Tensor]:
@@ -678,7 +678,7 @@ class Trainer:
         return {
             "format": "rpnlab-train-1",
             "model": self.model.state_dict(),
-            "rpn_model": self.rpn_model.state_dict() if self.rpn_model is not None and stage_index <= 1 else None,
+            "rpn_model": self.rpn_model.state_dict() if self.rpn_model is not None and stage_index <= 2 else None,
             "stage": stage_index,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -787,6 +787,11 @@ class Trainer:
                             and not resumed_mid_stage):
                         # Step 2 starts from step 1's backbone rather than a fresh one (see TrainConfig).
                         self.model.backbone.load_state_dict(self.rpn_model.backbone.state_dict())
+                    if (stage.name == "step3_rpn" and cfg.alternating_init == "step1"
+                            and not resumed_mid_stage):
+                        # Step 3 likewise starts its RPN layers from step 1's trained ones: they only
+                        # have to adapt to step 2's features, not learn from nothing in a short step.
+                        self.model.rpn.load_state_dict(self.rpn_model.rpn.state_dict())
                     if state is not None:
                         set_rng_state(state["rng"])  # after building the stage, which may draw numbers
                         state = None
