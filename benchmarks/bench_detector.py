@@ -4,10 +4,12 @@ for the same wall-clock budget, then compare mAP on the synthetic validation spl
     python benchmarks/bench_detector.py                  # 10 minutes each, on the CPU
     python benchmarks/bench_detector.py --minutes 5 --only rpnlab            # the preset's 5-minute target
     python benchmarks/bench_detector.py --minutes 15 --only rpnlab --curve 1,2,3,5,10   # its learning curve
+    python benchmarks/bench_detector.py --minutes 15 --only rpnlab --min-size 192       # the shapes upsampled
     python benchmarks/bench_detector.py --device cuda --minutes 5 --json bench.json
 
 Both detectors start from random weights (no pretrained backbone), see the same training images
-in the same augmentation (``build_dataset(DataConfig(), "train")``: horizontal flips), and are
+in the same augmentation (the preset's data, ``synthetic_data_config()``: the shapes upsampled
+to 192 px, horizontal and vertical flips, a colour jitter), and are
 scored by the same code (``rpnlab.engine.evaluation``). Both follow the same learning-rate schedule: a
 linear warm-up over 50 iterations, then a cosine that runs on the wall clock and reaches 0 as the
 budget ends (see ``ClockCosine``), so no iteration count has to be guessed in advance.
@@ -35,9 +37,9 @@ import torch
 
 from rpnlab.config import DataConfig
 from rpnlab.data import build_dataset
-from rpnlab.detector.model import synthetic_model_config
 from rpnlab.engine.devices import describe_environment, resolve_device, seed_everything
 from rpnlab.engine.evaluation import evaluate_coco, evaluate_voc
+from rpnlab.engine.presets import synthetic_data_config, synthetic_detector_config
 from rpnlab.engine.train import Trainer, evaluate, lr_factor, synthetic_train_config
 
 WARMUP_ITERS = 50
@@ -120,7 +122,7 @@ def bench_rpnlab(data_cfg: DataConfig, budget_s: float, device: str, out_dir: Pa
     """
     from rpnlab.engine.train import _train_mode
 
-    model_cfg = synthetic_model_config()
+    model_cfg = synthetic_detector_config(data_cfg)
     train_cfg = synthetic_train_config(device=device, out_dir=str(out_dir / "rpnlab"), epochs=MAX_EPOCHS,
                                        warmup_iters=WARMUP_ITERS, seed=seed, checkpoint_every=MAX_EPOCHS)
     dataset, val = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "val")
@@ -312,6 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-train", type=int, default=600, help="synthetic training images")
     parser.add_argument("--num-val", type=int, default=150, help="synthetic validation images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="resize the images' shorter side to this (default: the preset's); rpnlab's anchors scale with it")
     parser.add_argument("--tv-batch-size", type=int, default=8, help="torchvision model's batch size")
     parser.add_argument("--tv-lr", type=float, default=0.02, help="torchvision model's base learning rate")
     parser.add_argument("--curve", type=_minutes_list, default=[], metavar="M1,M2,...",
@@ -329,7 +333,11 @@ def main(argv=None) -> int:
     env = describe_environment(device)
     print(f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['cpu_threads']} threads; "
           f"budget {args.minutes:g} min per detector", flush=True)
-    data_cfg = DataConfig(num_train=args.num_train, num_val=args.num_val)
+    data_cfg = synthetic_data_config(num_train=args.num_train, num_val=args.num_val)
+    if args.min_size is not None:
+        if args.min_size < 32:
+            parser.error(f"--min-size {args.min_size}: expected at least 32 px")
+        data_cfg.min_size, data_cfg.max_size = args.min_size, 2 * args.min_size
     budget_s = 60.0 * args.minutes
     rows = []
     with tempfile.TemporaryDirectory(prefix="rpnlab-bench-") as tmp:

@@ -154,6 +154,7 @@ _HELP = {
     ("data", "min_size"): "resize: shorter image side in px",
     ("data", "max_size"): "resize: cap on the longer image side in px",
     ("data", "hflip_prob"): "probability of a horizontal flip during training",
+    ("data", "vflip_prob"): "probability of a vertical flip during training (only for data with no up and down)",
     ("data", "color_jitter"): "training: brightness, contrast and saturation each scaled by a random factor in "
                               "[1 - this, 1 + this] (0: off)",
     ("data", "classes"): "VOC/COCO class names 'a,b,c' or a file with one per line ('none': the names the "

@@ -301,6 +301,7 @@ class DataConfig:
     min_size: int = 128  # resize: shorter side (paper preset 600)
     max_size: int = 256  # resize: longer side cap (paper preset 1000)
     hflip_prob: float = 0.5
+    vflip_prob: float = 0.0  # training: top-bottom flips, for data with no up and down (the synthetic preset: 0.5)
     color_jitter: float = 0.0  # training: brightness, contrast, saturation each scaled by 1 +- this
     # VOC/COCO class names: "a,b,c" or a text file with one name per line; None: all the classes
     # the training annotations use (VOC, sorted) or the categories of the JSON (COCO, by id).
@@ -320,6 +321,8 @@ class DataConfig:
             raise ValueError(f"max_size={self.max_size} must be >= min_size={self.min_size}")
         if not (isinstance(self.hflip_prob, (int, float)) and 0 <= self.hflip_prob <= 1):
             _fail("hflip_prob", self.hflip_prob, "a probability in [0, 1]")
+        if not (isinstance(self.vflip_prob, (int, float)) and 0 <= self.vflip_prob <= 1):
+            _fail("vflip_prob", self.vflip_prob, "a probability in [0, 1]")
         if not (isinstance(self.color_jitter, (int, float)) and 0 <= self.color_jitter < 1):
             _fail("color_jitter", self.color_jitter, "a number in [0, 1)")
         if self.classes is not None:

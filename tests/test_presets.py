@@ -1,5 +1,6 @@
 """The named presets (synthetic CPU, GPU, paper defaults): they validate, build and learn on tiny sizes."""
 
+import dataclasses
 import statistics
 
 import pytest
@@ -10,7 +11,12 @@ from rpnlab import cli
 from rpnlab.config import DataConfig, ModelConfig
 from rpnlab.data import build_dataset
 from rpnlab.detector.model import FasterRCNN, gpu_model_config, synthetic_model_config
-from rpnlab.engine.presets import PRESETS, gpu_data_config, preset_configs
+from rpnlab.engine.presets import (
+    PRESETS,
+    gpu_data_config,
+    preset_configs,
+    synthetic_detector_config,
+)
 from rpnlab.engine.train import Trainer, gpu_train_config, stages_for, synthetic_train_config
 
 
@@ -114,3 +120,14 @@ def test_synthetic_recipe_lowers_the_loss_in_a_few_iterations(tmp_path):
     assert len(totals) == 12
     # 32 RoIs of 2 images per step make single steps noisy: the median of the second half.
     assert statistics.median(totals[6:]) < 0.8 * sum(totals[:3]) / 3, totals
+
+
+def test_synthetic_preset_flips_both_ways_and_scales_the_anchors_with_the_images(tmp_path):
+    model_cfg, data_cfg, train_cfg = preset_configs("synthetic")
+    assert (data_cfg.image_size, data_cfg.min_size) == (128, 128)
+    assert data_cfg.vflip_prob > 0 and data_cfg.color_jitter > 0 and train_cfg.amp == "auto"
+    assert model_cfg == synthetic_model_config()  # at 128 px: the course's model
+    bigger = dataclasses.replace(data_cfg, root=str(tmp_path), num_val=1, min_size=192, max_size=384)
+    assert synthetic_detector_config(bigger).anchors.sizes == ((24.0, 48.0, 96.0),)
+    image, _ = build_dataset(bigger, "val")[0]
+    assert tuple(image.shape[-2:]) == (192, 192)

@@ -17,6 +17,7 @@ from rpnlab.data import (
     Compose,
     ImageBatch,
     RandomHorizontalFlip,
+    RandomVerticalFlip,
     ResizeShortestSide,
     SyntheticShapes,
     build_loader,
@@ -125,6 +126,33 @@ def test_flip_matches_torchvision_and_twice_is_identity(h, w, seed):
     assert torch.equal(twice_image, image)
     torch.testing.assert_close(twice["boxes"], target["boxes"], atol=TOL, rtol=0)
     assert (once["boxes"][:, 2] >= once["boxes"][:, 0]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(4, 60), w=st.integers(4, 60), seed=st.integers(0, 2**16))
+def test_vertical_flip_matches_torchvision_and_twice_is_identity(h, w, seed):
+    image, target = _sample(h, w, seed=seed)
+    flip = RandomVerticalFlip(p=1.0)
+    once_image, once = flip(image, target)
+    assert torch.equal(once_image, TF.vertical_flip(image))
+    expected = TF.vertical_flip(_tv_boxes(target["boxes"], h, w)).as_subclass(torch.Tensor)
+    torch.testing.assert_close(once["boxes"], expected, atol=TOL, rtol=0)
+    twice_image, twice = flip(once_image, once)
+    assert torch.equal(twice_image, image)
+    torch.testing.assert_close(twice["boxes"], target["boxes"], atol=TOL, rtol=0)
+    assert (once["boxes"][:, 3] >= once["boxes"][:, 1]).all()
+    assert RandomVerticalFlip(p=0.0)(image, target)[0] is image
+    with pytest.raises(ValueError, match="p="):
+        RandomVerticalFlip(p=-0.1)
+
+
+def test_vertical_flip_only_where_the_data_config_asks():
+    names = lambda cfg, train: [type(t).__name__ for t in build_transforms(cfg, train).transforms]
+    assert "RandomVerticalFlip" not in names(DataConfig(), True)  # photos: no
+    assert "RandomVerticalFlip" in names(DataConfig(vflip_prob=0.5), True)
+    assert "RandomVerticalFlip" not in names(DataConfig(vflip_prob=0.5), False)  # never at test time
+    with pytest.raises(ValueError, match="vflip_prob=2"):
+        DataConfig(vflip_prob=2).validate()
 
 
 def test_flipped_box_covers_the_flipped_pixels():

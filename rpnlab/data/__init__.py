@@ -17,6 +17,7 @@ from rpnlab.data.transforms import (
     PAPER_PRESET,
     Compose,
     RandomHorizontalFlip,
+    RandomVerticalFlip,
     ResizeShortestSide,
     build_transforms,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Compose",
     "ImageBatch",
     "RandomHorizontalFlip",
+    "RandomVerticalFlip",
     "ResizeShortestSide",
     "SyntheticShapes",
     "VOCDataset",

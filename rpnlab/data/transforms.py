@@ -24,10 +24,12 @@ __all__ = [
     "Compose",
     "RandomColorJitter",
     "RandomHorizontalFlip",
+    "RandomVerticalFlip",
     "ResizeShortestSide",
     "build_transforms",
     "hflip_boxes",
     "resized_size",
+    "vflip_boxes",
 ]
 
 #: Ren et al. 2015: shorter side 600 px, longer side at most 1000 px.
@@ -140,6 +142,34 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+def vflip_boxes(boxes: Tensor, height: int) -> Tensor:
+    """Mirror ``boxes: (M, 4)`` in an image ``height`` pixels high: ``y1' = H - y2, y2' = H - y1``."""
+    return torch.stack((boxes[:, 0], height - boxes[:, 3], boxes[:, 2], height - boxes[:, 1]), dim=1)
+
+
+class RandomVerticalFlip:
+    """Mirror the image top-bottom with probability ``p``; boxes follow (``y1' = H - y2``).
+
+    Only for data whose objects have no up and down: the synthetic shapes (triangles point all
+    four ways), aerial or microscope images; not for photos of a world with gravity.
+    ``generator`` as ``RandomHorizontalFlip``'s.
+    """
+
+    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None):
+        if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"p={p!r} is invalid: expected a probability in [0, 1]")
+        self.p, self.generator = float(p), generator
+
+    def __call__(self, image: Tensor, target: dict[str, Any]) -> Sample:
+        _check_image(image)
+        if torch.rand(1, generator=self.generator).item() >= self.p:
+            return image, target
+        return image.flip(-2), {**target, "boxes": vflip_boxes(target["boxes"], image.shape[-2])}
+
+    def __repr__(self) -> str:
+        return f"RandomVerticalFlip(p={self.p})"
+
+
 class RandomColorJitter:
     """Scale brightness, contrast and saturation each by a factor drawn from ``[1 - s, 1 + s]``.
 
@@ -167,10 +197,13 @@ class RandomColorJitter:
 
 def build_transforms(cfg: Any, train: bool) -> Compose:
     """The transforms for a ``DataConfig``: resize to ``(min_size, max_size)``, plus when
-    ``train`` a random horizontal flip with ``hflip_prob`` and a colour jitter of ``color_jitter``."""
+    ``train`` random horizontal and vertical flips with ``hflip_prob`` and ``vflip_prob`` and a
+    colour jitter of ``color_jitter``."""
     steps: list[Callable] = [ResizeShortestSide(cfg.min_size, cfg.max_size)]
     if train and cfg.hflip_prob > 0:
         steps.append(RandomHorizontalFlip(cfg.hflip_prob))
+    if train and getattr(cfg, "vflip_prob", 0.0) > 0:
+        steps.append(RandomVerticalFlip(cfg.vflip_prob))
     if train and getattr(cfg, "color_jitter", 0.0) > 0:
         steps.append(RandomColorJitter(cfg.color_jitter))
     return Compose(steps)

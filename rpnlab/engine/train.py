@@ -69,7 +69,12 @@ from rpnlab.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from rpnlab.engine.devices import configure_cpu_threads, resolve_amp, resolve_device, seed_everything
+from rpnlab.engine.devices import (
+    configure_cpu_threads,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = [
     "PARAMETER_LIMIT",
