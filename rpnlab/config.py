@@ -202,7 +202,7 @@ class RoIConfig:
     output_size: int = 7
     sampling_ratio: int = 2
     aligned: bool = False  # RoI Align's half-pixel correction (detectron2 default True, torchvision False)
-    implementation: str = "torchvision"  # "torchvision" (compiled kernels) or "python" (the teaching versions)
+    implementation: str = "torchvision"  # "torchvision" (compiled kernels), "python" (the teaching versions) or "auto" (RoI Align from small CPU maps in matrix form)
     representation_size: int = 1024
     smooth_l1_beta: float = 1.0
     score_thresh: float = 0.05
@@ -228,7 +228,7 @@ class RoIConfig:
         _choice("pooler", self.pooler, ("align", "pool", "crop"))
         _positive_int("output_size", self.output_size)
         _positive_int("sampling_ratio", self.sampling_ratio, allow_zero=True)
-        _choice("implementation", self.implementation, ("torchvision", "python"))
+        _choice("implementation", self.implementation, ("torchvision", "python", "auto"))
         _positive_int("representation_size", self.representation_size)
         if not (isinstance(self.smooth_l1_beta, (int, float)) and self.smooth_l1_beta >= 0):
             _fail("smooth_l1_beta", self.smooth_l1_beta, "a number >= 0")

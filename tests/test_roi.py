@@ -308,7 +308,7 @@ def test_pooler_single_level_equals_torchvision_ops():
     torch.testing.assert_close(RoIPooler()(features, proposals), ms, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("implementation", ["torchvision", "python"])
+@pytest.mark.parametrize("implementation", ["torchvision", "python", "auto"])
 def test_pooler_fpn_matches_multiscale_roi_align(implementation):
     g = torch.Generator().manual_seed(2)
     names, scales = ["p2", "p3", "p4", "p5"], (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -329,6 +329,32 @@ def test_pooler_fpn_matches_multiscale_roi_align(implementation):
         assert grad.abs().sum() > 0  # every level received some RoIs
         torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=0)
     assert torch.equal(fpn_level_of_boxes(torch.cat(proposals), 2, 5), ref_pooler.map_levels(proposals))
+
+
+def test_pooler_auto_takes_the_matrix_form_on_small_cpu_maps_only(monkeypatch):
+    from rpnlab.detector import roi as roi_module
+
+    calls = []
+    real = roi_module.roi_align
+    monkeypatch.setattr(roi_module, "roi_align", lambda *a, **k: calls.append(a[0].shape[-2:]) or real(*a, **k))
+    side = int((roi_module.MATRIX_ALIGN_CELLS_PER_POINT * 5) ** 0.5)  # 5 bin columns, 1 point per bin
+    pooler = RoIPooler(5, (1 / 8, 1 / 16), sampling_ratio=1, implementation="auto")
+    levels = [torch.randn(1, 3, 2 * side, 2 * side), torch.randn(1, 3, side, side)]
+    proposals = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 400.0, 400.0]])]  # one per level
+    out = pooler(levels, proposals)
+    assert calls == [torch.Size([side, side])]  # the coarse level only; the fine one had the kernel
+    ref = RoIPooler(5, (1 / 8, 1 / 16), sampling_ratio=1)(levels, proposals)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    # Under bf16 autocast the matrix form still pools in float32, as torchvision's kernel does.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small = RoIPooler(5, 1 / 16, sampling_ratio=1, implementation="auto")(levels[1].bfloat16(), proposals)
+    assert small.dtype == torch.float32
+    adaptive = RoIPooler(5, 1 / 16, sampling_ratio=0, implementation="auto")
+    calls.clear()
+    adaptive(levels[1], proposals)
+    assert calls == []  # adaptive sampling: always the kernel
+    expected = torchvision.ops.roi_align(levels[1].bfloat16().float(), proposals, 5, 1 / 16, 1)
+    torch.testing.assert_close(small, expected, atol=1e-5, rtol=0)
 
 
 def test_pooler_crop_mode_and_gradient_into_features():

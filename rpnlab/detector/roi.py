@@ -58,7 +58,16 @@ __all__ = [
 ]
 
 _MODES = ("align", "pool", "crop")
-_IMPLEMENTATIONS = ("torchvision", "python")
+_IMPLEMENTATIONS = ("torchvision", "python", "auto")
+#: ``implementation="auto"``: a RoI Align level takes the matrix form of ``roi_align`` on the CPU
+#: when its map has at most ``MATRIX_ALIGN_CELLS_PER_POINT * out_w * sampling_ratio**2`` cells
+#: (H * W), torchvision's kernel otherwise. The matrix form's cost grows with the whole map (a
+#: dense product per box), the kernel's with the bilinear sample points per bin; but the kernel's
+#: CPU forward and backward run point by point on one thread, the products on BLAS. Measured
+#: (``benchmarks/bench_roi_crossover.py``: forward + backward, one thread): with 7 x 7 bins and
+#: 2 x 2 points the two cross near 48 x 48 cells, with 5 x 5 bins and one point near 20 x 20,
+#: i.e. at ~80 cells per bin column and point; 64 leaves a margin.
+MATRIX_ALIGN_CELLS_PER_POINT = 64
 
 
 # ----------------------------------------------------------------------------- argument handling
@@ -478,8 +487,10 @@ class RoIPooler(nn.Module):
         mode: ``"align"`` (RoI Align), ``"pool"`` (RoI Pool, the paper's) or ``"crop"``
             (tf-faster-rcnn's crop-and-resize; always the python version, torchvision has none).
         aligned: RoI Align's half-cell correction.
-        implementation: ``"torchvision"`` (compiled kernels) or ``"python"`` (this module's
-            functions; same numbers, slower, readable).
+        implementation: ``"torchvision"`` (compiled kernels), ``"python"`` (this module's
+            functions; same numbers, readable) or ``"auto"`` (RoI Align on the CPU from maps small
+            enough for its matrix form to be faster, see ``MATRIX_ALIGN_CELLS_PER_POINT``, in
+            float32 even under autocast; everything else with torchvision's kernels).
         canonical_scale, canonical_level: the FPN level rule, see ``fpn_level_of_boxes``.
     """
 
@@ -538,12 +549,24 @@ class RoIPooler(nn.Module):
     def _pool_level(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         python = self.implementation == "python"
         if self.mode == "align":
+            if self._matrix_align(feature):
+                # float32 as torchvision's kernel under autocast: pooled values feed the box head
+                with torch.autocast(feature.device.type, enabled=False):
+                    return roi_align(feature.float(), rois.float(), self.output_size, scale, self.sampling_ratio,
+                                     self.aligned)
             fn = roi_align if python else torchvision.ops.roi_align
             return fn(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
         if self.mode == "pool":
             fn = roi_pool if python else torchvision.ops.roi_pool
             return fn(feature, rois, self.output_size, scale)
         return crop_and_resize_pool(feature, rois, self.output_size, scale)
+
+    def _matrix_align(self, feature: Tensor) -> bool:
+        """``implementation="auto"``: whether this level's RoI Align takes the matrix form."""
+        if self.implementation != "auto" or feature.device.type != "cpu" or self.sampling_ratio <= 0:
+            return False  # adaptive sampling: the points per bin grow with the box, the kernel scales better
+        limit = MATRIX_ALIGN_CELLS_PER_POINT * self.output_size[1] * self.sampling_ratio**2
+        return feature.shape[-2] * feature.shape[-1] <= limit
 
     def forward(self, features: Tensor | Sequence[Tensor], proposals: Sequence[Tensor]) -> Tensor:
         """Pool ``proposals`` (per image ``(P_i, 4)``, image pixels) from ``features``.

@@ -49,7 +49,8 @@ def synthetic_detector_config(data: DataConfig | None = None) -> ModelConfig:
     """The CPU preset's model for ``data`` (default ``synthetic_data_config()``): the course's model
     (``synthetic_model_config``) with its anchor sizes scaled as the images are resized.
 
-    At the preset's 128 px they are the course's 16, 32, 64. Upsampled to 192 px the shapes are
+    At the preset's 128 px they are the course's 16, 32, 64, and RoI Align is
+    ``implementation="auto"``. Upsampled to 192 px the shapes are
     18-115 px and the anchors become 24, 48, 96: measured with ``benchmarks/bench_recipe.py``
     (2400 iterations, seed 0), 0.821 with the course's anchors at 192 px, 0.847 with the scaled ones.
     """
@@ -60,6 +61,9 @@ def synthetic_detector_config(data: DataConfig | None = None) -> ModelConfig:
     factor = min(data.min_size / data.image_size, data.max_size / data.image_size)  # square images
     model.anchors = dataclasses.replace(
         model.anchors, sizes=tuple(tuple(size * factor for size in level) for level in model.anchors.sizes))
+    # RoI Align from the 16 x 16 map in matrix form on the CPU (torchvision's kernel on a GPU):
+    # 54 against 63 ms per training iteration (2 threads, bf16; benchmarks/bench_roi_crossover.py).
+    model.roi.implementation = "auto"
     return model.validate()
 
 
