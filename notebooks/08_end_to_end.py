@@ -47,6 +47,7 @@ alternating_split: list = []  # 4-step schedule: steps 1-4's epochs in this prop
 out_dir: str = ""  # folder for the checkpoints (<out_dir>/<schedule>/checkpoint.pt); empty: a temporary folder, deleted at the end
 num_show: int = 3  # validation images drawn with their detections
 score_threshold: float = 0.5  # display threshold: detections scoring below it are not drawn
+reference_path: str = "../docs/results/end_to_end_cpu.json"  # a committed reference run of this notebook, shown beside this one; empty: none
 
 # %%
 # %matplotlib inline
@@ -314,6 +315,12 @@ records.record("alternating_split", list(split))
 if {"joint", "alternating"} <= set(scores):
     records.record("alternating_minus_joint_map_50", gap)
 records.record("device", str(dev))
+# Beside the committed reference run (docs/results/end_to_end_cpu.json: the defaults on a 2-core CPU)
+keys = [f"{s}_{k}" for s in results for k in ("map_50", "coco_map", "recall_70", "iterations", "train_seconds")]
+keys += ["alternating_minus_joint_map_50"] if {"joint", "alternating"} <= set(results) else []
+beside = records.beside_reference(records.current(), reference_path, keys)
+if beside:
+    display(Markdown("This run beside the reference run:\n\n" + experiments.rows_to_markdown(beside)))
 if workdir is not None:
     workdir.cleanup()  # the temporary checkpoints; the trained models stay in memory
 records.save_record();

@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "begin",
+    "beside_reference",
     "current",
     "default_record_dir",
     "read_record",
@@ -157,3 +158,25 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TypeError(f"{path} is not a record (expected a JSON object, got {type(data).__name__})")
     return data
+
+
+def beside_reference(fresh: Mapping[str, Any], reference_path: str | os.PathLike | None,
+                     keys: list[str], digits: int = 3) -> list[dict[str, Any]]:
+    """Rows ``{"figure", "this run", "reference"}`` for ``keys`` of a notebook's ``fresh`` record
+    beside those of a committed reference run (a JSON file with the same keys under ``"record"``,
+    e.g. ``docs/results/end_to_end_cpu.json``). An absent or empty ``reference_path``: ``[]``; a
+    key either side lacks shows ``-``. Numbers are rounded to ``digits``."""
+    if not reference_path or not Path(reference_path).is_file():
+        return []
+    data = json.loads(Path(reference_path).read_text(encoding="utf-8"))
+    if not isinstance(data, Mapping) or not isinstance(data.get("record"), Mapping):
+        raise TypeError(f"{str(reference_path)!r} is not a reference run: "
+                         "expected a JSON object with a 'record' object")
+    reference = data["record"]
+
+    def show(value: Any) -> Any:
+        if value is None:
+            return "-"
+        return round(value, digits) if isinstance(value, float) else value
+
+    return [{"figure": key, "this run": show(fresh.get(key)), "reference": show(reference.get(key))} for key in keys]

@@ -90,6 +90,7 @@ def train_rpn(
     iters_per_epoch = math.ceil(num_images / batch_size)
     train_cfg = synthetic_train_config(
         schedule="rpn",
+        amp="off",  # float32 as when the course's numbers and caches were made; same on every CPU
         epochs=math.ceil(iterations / iters_per_epoch),
         batch_size=batch_size,
         lr=lr,
