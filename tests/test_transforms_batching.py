@@ -113,37 +113,25 @@ def test_resize_rejects_bad_arguments():
 # ---- flip ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flip_class, tv_flip", [(RandomHorizontalFlip, TF.horizontal_flip),
+                                                 (RandomVerticalFlip, TF.vertical_flip)])
 @settings(max_examples=40, deadline=None)
 @given(h=st.integers(4, 60), w=st.integers(4, 60), seed=st.integers(0, 2**16))
-def test_flip_matches_torchvision_and_twice_is_identity(h, w, seed):
+def test_flip_matches_torchvision_and_twice_is_identity(flip_class, tv_flip, h, w, seed):
     image, target = _sample(h, w, seed=seed)
-    flip = RandomHorizontalFlip(p=1.0)
+    flip = flip_class(p=1.0)
     once_image, once = flip(image, target)
-    assert torch.equal(once_image, TF.horizontal_flip(image))
-    expected = TF.horizontal_flip(_tv_boxes(target["boxes"], h, w)).as_subclass(torch.Tensor)
+    assert torch.equal(once_image, tv_flip(image))
+    expected = tv_flip(_tv_boxes(target["boxes"], h, w)).as_subclass(torch.Tensor)
     torch.testing.assert_close(once["boxes"], expected, atol=TOL, rtol=0)
     twice_image, twice = flip(once_image, once)
     assert torch.equal(twice_image, image)
     torch.testing.assert_close(twice["boxes"], target["boxes"], atol=TOL, rtol=0)
-    assert (once["boxes"][:, 2] >= once["boxes"][:, 0]).all()
-
-
-@settings(max_examples=40, deadline=None)
-@given(h=st.integers(4, 60), w=st.integers(4, 60), seed=st.integers(0, 2**16))
-def test_vertical_flip_matches_torchvision_and_twice_is_identity(h, w, seed):
-    image, target = _sample(h, w, seed=seed)
-    flip = RandomVerticalFlip(p=1.0)
-    once_image, once = flip(image, target)
-    assert torch.equal(once_image, TF.vertical_flip(image))
-    expected = TF.vertical_flip(_tv_boxes(target["boxes"], h, w)).as_subclass(torch.Tensor)
-    torch.testing.assert_close(once["boxes"], expected, atol=TOL, rtol=0)
-    twice_image, twice = flip(once_image, once)
-    assert torch.equal(twice_image, image)
-    torch.testing.assert_close(twice["boxes"], target["boxes"], atol=TOL, rtol=0)
-    assert (once["boxes"][:, 3] >= once["boxes"][:, 1]).all()
-    assert RandomVerticalFlip(p=0.0)(image, target)[0] is image
+    assert (once["boxes"][:, 2:] >= once["boxes"][:, :2]).all()
+    assert flip_class(p=0.0)(image, target)[0] is image
     with pytest.raises(ValueError, match="p="):
-        RandomVerticalFlip(p=-0.1)
+        flip_class(p=-0.1)
+    assert repr(flip_class(p=0.3)) == f"{flip_class.__name__}(p=0.3)"
 
 
 def test_vertical_flip_only_where_the_data_config_asks():

@@ -131,15 +131,18 @@ class RandomHorizontalFlip:
             raise ValueError(f"p={p!r} is invalid: expected a probability in [0, 1]")
         self.p, self.generator = float(p), generator
 
+    dim = -1  # the image axis mirrored: width
+    flip_boxes = staticmethod(hflip_boxes)
+
     def __call__(self, image: Tensor, target: dict[str, Any]) -> Sample:
         _check_image(image)
         # The coin is drawn even for p in {0, 1}, so the RNG stream does not depend on p.
         if torch.rand(1, generator=self.generator).item() >= self.p:
             return image, target
-        return image.flip(-1), {**target, "boxes": hflip_boxes(target["boxes"], image.shape[-1])}
+        return image.flip(self.dim), {**target, "boxes": self.flip_boxes(target["boxes"], image.shape[self.dim])}
 
     def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
+        return f"{type(self).__name__}(p={self.p})"
 
 
 def vflip_boxes(boxes: Tensor, height: int) -> Tensor:
@@ -147,7 +150,7 @@ def vflip_boxes(boxes: Tensor, height: int) -> Tensor:
     return torch.stack((boxes[:, 0], height - boxes[:, 3], boxes[:, 2], height - boxes[:, 1]), dim=1)
 
 
-class RandomVerticalFlip:
+class RandomVerticalFlip(RandomHorizontalFlip):
     """Mirror the image top-bottom with probability ``p``; boxes follow (``y1' = H - y2``).
 
     Only for data whose objects have no up and down: the synthetic shapes (triangles point all
@@ -155,19 +158,8 @@ class RandomVerticalFlip:
     ``generator`` as ``RandomHorizontalFlip``'s.
     """
 
-    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None):
-        if not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise ValueError(f"p={p!r} is invalid: expected a probability in [0, 1]")
-        self.p, self.generator = float(p), generator
-
-    def __call__(self, image: Tensor, target: dict[str, Any]) -> Sample:
-        _check_image(image)
-        if torch.rand(1, generator=self.generator).item() >= self.p:
-            return image, target
-        return image.flip(-2), {**target, "boxes": vflip_boxes(target["boxes"], image.shape[-2])}
-
-    def __repr__(self) -> str:
-        return f"RandomVerticalFlip(p={self.p})"
+    dim = -2  # height
+    flip_boxes = staticmethod(vflip_boxes)
 
 
 class RandomColorJitter:
