@@ -4,7 +4,7 @@ for the same wall-clock budget, then compare mAP on the synthetic validation spl
     python benchmarks/bench_detector.py                  # 10 minutes each, on the CPU
     python benchmarks/bench_detector.py --minutes 5 --only rpnlab            # the preset's 5-minute target
     python benchmarks/bench_detector.py --minutes 15 --only rpnlab --curve 1,2,3,5,10   # its learning curve
-    python benchmarks/bench_detector.py --minutes 15 --only rpnlab --min-size 192       # the shapes upsampled
+    python benchmarks/bench_detector.py --minutes 15 --only rpnlab --min-size 128       # the course's 128 px images
     python benchmarks/bench_detector.py --device cuda --minutes 5 --json bench.json
 
 Both detectors start from random weights (no pretrained backbone), see the same training images

@@ -29,7 +29,8 @@
 # many more epochs in the same time.
 
 # %% tags=["parameters"]
-preset: str = "synthetic"  # starting configuration: "synthetic" (CPU-sized, 128 px shapes) or "gpu" (the shapes at 512 px, for a CUDA GPU)
+preset: str = "synthetic"  # starting configuration: "synthetic" (CPU-sized, the 128 px shapes) or "gpu" (the shapes at 512 px, for a CUDA GPU)
+input_size: int = 128  # "synthetic" preset: the side the shapes are fed at, anchors scaled to match; 128: the course's (notebooks 01-07), 192: the preset's; 0: the preset's
 device: str = "auto"  # where training runs: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
 seed: int = 0  # seeds the data order, the initial weights and every random generator
 smoke: bool = False  # tiny sizes for CI: a few iterations on a few images
@@ -72,7 +73,7 @@ from rpnlab.lab.reference import torchvision_postprocess
 records.begin("08_end_to_end", record_path)
 seed_everything(seed)
 dev = resolve_device(device)
-model_cfg, data_cfg, preset_train = preset_configs(preset)
+model_cfg, data_cfg, preset_train = preset_configs(preset, input_size if preset == "synthetic" else 0)
 if smoke:
     num_train, num_val, batch_size, num_show = 4, 4, 4, min(num_show, 2)
 workdir = None if out_dir else tempfile.TemporaryDirectory(prefix="rpnlab-08-")  # deleted when the kernel stops
@@ -83,10 +84,15 @@ print(f"device {dev}, checkpoints in {out_dir}")
 # ## The detector and the data
 #
 # `preset_configs("synthetic")` is the CPU-sized Faster R-CNN of the earlier notebooks: a small
-# backbone trained from scratch, anchors sized for 12-77-pixel objects, an RPN and a Fast R-CNN
-# head with RoI Align, on the 128 x 128 shapes. For training it also flips them top-bottom (the
-# shapes have no up and down) and jitters their colours (`synthetic_data_config`), and on a CPU
-# with native bfloat16 (AMX) it trains under bf16 autocast (`amp="auto"`); both were measured
+# backbone trained from scratch, an RPN and a Fast R-CNN head with RoI Align. This notebook feeds
+# it the 128 x 128 shapes as they are (`input_size=128`), with the anchors of notebooks 01-07 (16,
+# 32, 64). The preset itself resizes them to 192 x 192 and scales the anchors to 24, 48, 96
+# (`input_size=192`): per minute of training that gives the better detector (0.874 mAP@0.5 after 5
+# minutes, 0.915 after 15, in `docs/results/detector_cpu.md`), but each iteration costs more, and in
+# a 300 s budget the 4-step schedule then gets too few epochs to share among its four steps
+# (measured: joint 0.817, 4-step 0.744). For training the preset also flips the shapes top-bottom
+# (they have no up and down) and jitters their colours (`synthetic_data_config`), and on a CPU
+# with native bfloat16 (AMX) it trains under bf16 autocast (`amp="auto"`); all of this was measured
 # (see `rpnlab.engine.presets`). `preset="gpu"` draws the same shapes at 512 px and uses the paper's
 # anchor scales where they fit, its proposal and RoI counts and bf16 mixed precision.
 

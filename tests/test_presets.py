@@ -122,14 +122,27 @@ def test_synthetic_recipe_lowers_the_loss_in_a_few_iterations(tmp_path):
     assert statistics.median(totals[6:]) < 0.8 * sum(totals[:3]) / 3, totals
 
 
-def test_synthetic_preset_flips_both_ways_and_scales_the_anchors_with_the_images(tmp_path):
+def test_synthetic_preset_upsamples_flips_both_ways_and_scales_the_anchors_with_the_images(tmp_path):
     model_cfg, data_cfg, train_cfg = preset_configs("synthetic")
-    assert (data_cfg.image_size, data_cfg.min_size) == (128, 128)
+    assert (data_cfg.image_size, data_cfg.min_size, data_cfg.max_size) == (128, 192, 384)
     assert data_cfg.vflip_prob > 0 and data_cfg.color_jitter > 0 and train_cfg.amp == "auto"
     assert model_cfg.roi.implementation == "auto"  # RoI Align in matrix form from small CPU maps
-    model_cfg.roi.implementation = "torchvision"
-    assert model_cfg == synthetic_model_config()  # otherwise, at 128 px: the course's model
-    bigger = dataclasses.replace(data_cfg, root=str(tmp_path), num_val=1, min_size=192, max_size=384)
-    assert synthetic_detector_config(bigger).anchors.sizes == ((24.0, 48.0, 96.0),)
-    image, _ = build_dataset(bigger, "val")[0]
+    assert model_cfg.anchors.sizes == ((24.0, 48.0, 96.0),)  # the course's 16, 32, 64 x 192 / 128
+    image, _ = build_dataset(dataclasses.replace(data_cfg, root=str(tmp_path), num_val=1), "val")[0]
     assert tuple(image.shape[-2:]) == (192, 192)
+    course = dataclasses.replace(data_cfg, min_size=128, max_size=256)
+    model_cfg = synthetic_detector_config(course)
+    model_cfg.roi.implementation = "torchvision"
+    assert model_cfg == synthetic_model_config()  # at 128 px: the course's model
+
+
+def test_preset_input_size_resizes_the_synthetic_shapes_and_rejects_what_it_cannot_apply():
+    model_cfg, data_cfg, _ = preset_configs("synthetic", input_size=128)
+    assert (data_cfg.min_size, data_cfg.max_size) == (128, 256)
+    assert model_cfg.anchors.sizes == ((16.0, 32.0, 64.0),)  # the course's
+    assert preset_configs("synthetic", 0)[1] == preset_configs("synthetic")[1]
+    for bad in (16, 128.0, True, "128"):
+        with pytest.raises(ValueError, match="input_size"):
+            preset_configs("synthetic", input_size=bad)
+    with pytest.raises(ValueError, match="input_size=128 applies to the 'synthetic' preset only"):
+        preset_configs("gpu", input_size=128)

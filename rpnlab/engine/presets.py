@@ -1,8 +1,8 @@
 """Named starting configurations: ``(ModelConfig, DataConfig, TrainConfig)`` for a kind of machine.
 
-- ``"synthetic"``: the CPU preset for the embedded 128 px shapes (``synthetic_detector_config``:
-  the course's ``synthetic_model_config``, anchors scaled if the images are resized;
-  ``synthetic_data_config``: flips both ways, colour jitter; ``synthetic_train_config``: bf16
+- ``"synthetic"``: the CPU preset for the embedded 128 px shapes (``synthetic_data_config``:
+  upsampled to 192 px, flips both ways, colour jitter; ``synthetic_detector_config``: the course's
+  ``synthetic_model_config`` with anchors scaled with the images; ``synthetic_train_config``: bf16
   where the CPU has it): what ``rpnlab train``, notebook 08 and ``benchmarks/bench_detector.py`` use.
 - ``"gpu"``: the same shapes drawn at 512 px for one CUDA GPU (``gpu_model_config``,
   ``gpu_train_config``): the paper's anchor scales where they fit, its proposal and RoI counts,
@@ -27,19 +27,20 @@ PRESETS = ("synthetic", "gpu", "defaults", "photos")
 
 
 def synthetic_data_config(**overrides) -> DataConfig:
-    """The CPU preset's data: the 128 px shapes, flipped both ways and colour-jittered in training.
+    """The CPU preset's data: the 128 px shapes upsampled to 192 px, flipped both ways and
+    colour-jittered in training.
 
     Chosen by measurement for issue 8 (``benchmarks/bench_recipe.py``, val mAP@0.5 after 2400
-    iterations, seed 0): horizontal flips only 0.723; adding vertical flips (the shapes have no
-    up and down: triangles point all four ways) and a colour jitter of 0.2, 0.747. In the 5-minute
-    benchmark (``benchmarks/bench_detector.py --minutes 5``, 2 threads, bf16) that reached 0.815.
-
-    Upsampling the images also helps per iteration (at 160 px 0.803, at 192 px 0.821, 0.847 with
-    the anchors scaled to match; ``--min-size`` in both benchmarks) but costs 1.5-2.3x per
-    iteration on 2 CPU cores, and in 5 minutes 192 px reached only 0.763 (1815 iterations, against
-    3587 at 128 px): a choice for longer budgets or a GPU.
+    iterations, seed 0, one thread): 128 px with horizontal flips only 0.723; adding vertical flips
+    (the shapes have no up and down: triangles point all four ways) and a colour jitter of 0.2,
+    0.747; then upsampling to 160 px 0.803, to 192 px 0.821 (0.847 with the anchors scaled to
+    match, which ``synthetic_detector_config`` does). An iteration at 192 px costs ~1.2x one at
+    128 px on 2 CPU cores (143 against 120 CPU ms), and the gain per iteration outweighs it in the wall-clock benchmark
+    (``benchmarks/bench_detector.py --minutes 5``, 2 threads, bf16): 0.874 after 5 minutes
+    (4012 iterations) against 0.837 at 128 px (4831 iterations); after 15 minutes 0.904 against
+    0.891. ``min_size=128, max_size=256`` gives the course's 128 px images back.
     """
-    cfg = DataConfig(min_size=128, max_size=256, vflip_prob=0.5, color_jitter=0.2)
+    cfg = DataConfig(min_size=192, max_size=384, vflip_prob=0.5, color_jitter=0.2)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg.validate()
@@ -49,10 +50,10 @@ def synthetic_detector_config(data: DataConfig | None = None) -> ModelConfig:
     """The CPU preset's model for ``data`` (default ``synthetic_data_config()``): the course's model
     (``synthetic_model_config``) with its anchor sizes scaled as the images are resized.
 
-    At the preset's 128 px they are the course's 16, 32, 64, and RoI Align is
-    ``implementation="auto"``. Upsampled to 192 px the shapes are
-    18-115 px and the anchors become 24, 48, 96: measured with ``benchmarks/bench_recipe.py``
-    (2400 iterations, seed 0), 0.821 with the course's anchors at 192 px, 0.847 with the scaled ones.
+    At the course's 128 px they are its 16, 32, 64; upsampled to the preset's 192 px the shapes
+    are 18-115 px and the anchors become 24, 48, 96: measured with ``benchmarks/bench_recipe.py``
+    (2400 iterations, seed 0), 0.821 with the course's anchors at 192 px, 0.847 with the scaled
+    ones. RoI Align is ``implementation="auto"``.
     """
     from rpnlab.detector.model import synthetic_model_config
 
@@ -61,8 +62,9 @@ def synthetic_detector_config(data: DataConfig | None = None) -> ModelConfig:
     factor = min(data.min_size / data.image_size, data.max_size / data.image_size)  # square images
     model.anchors = dataclasses.replace(
         model.anchors, sizes=tuple(tuple(size * factor for size in level) for level in model.anchors.sizes))
-    # RoI Align from the 16 x 16 map in matrix form on the CPU (torchvision's kernel on a GPU):
-    # 54 against 63 ms per training iteration (2 threads, bf16; benchmarks/bench_roi_crossover.py).
+    # RoI Align from the small stride-8 map (16 x 16 at 128 px, 24 x 24 at 192) in matrix form on
+    # the CPU, torchvision's kernel on a GPU: at 128 px 54 against 63 ms per training iteration
+    # (2 threads, bf16; benchmarks/bench_roi_crossover.py).
     model.roi.implementation = "auto"
     return model.validate()
 
@@ -75,13 +77,23 @@ def gpu_data_config(**overrides) -> DataConfig:
     return cfg.validate()
 
 
-def preset_configs(name: str = "synthetic") -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    """The ``(model, data, train)`` configs of preset ``name`` (one of ``PRESETS``), validated."""
+def preset_configs(name: str = "synthetic", input_size: int = 0) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """The ``(model, data, train)`` configs of preset ``name`` (one of ``PRESETS``), validated.
+
+    ``input_size`` (``"synthetic"`` only; 0: the preset's 192): the side the 128 px shapes are
+    resized to, the anchors scaled to match (``synthetic_detector_config``); 128 gives the course's
+    images and anchors (notebooks 01-07).
+    """
     from rpnlab.detector.model import gpu_model_config
     from rpnlab.engine.train import gpu_train_config, synthetic_train_config
 
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or (input_size and input_size < 32):
+        raise ValueError(f"input_size={input_size!r} is invalid: expected a whole number of pixels >= 32, or 0 "
+                         "for the preset's")
+    if input_size and name != "synthetic":
+        raise ValueError(f"input_size={input_size!r} applies to the 'synthetic' preset only, not to {name!r}")
     if name == "synthetic":
-        data = synthetic_data_config()
+        data = synthetic_data_config(**({"min_size": input_size, "max_size": 2 * input_size} if input_size else {}))
         return synthetic_detector_config(data), data, synthetic_train_config()
     if name == "gpu":
         return gpu_model_config(), gpu_data_config(), gpu_train_config()
