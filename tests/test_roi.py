@@ -89,6 +89,17 @@ def test_roi_pool_ties_send_gradient_to_the_first_maximum():
     )
 
 
+def test_roi_pool_bins_of_more_than_255_cells_match_torchvision():
+    # A 7 x 7 pooling of a 130-cell box gives bins of 19 x 19 = 361 cells: more ranks than uint8 holds.
+    # Constant rows make ties too, so the first-maximum rule is checked at that size as well.
+    x = torch.randn(1, 3, 150, 150, generator=torch.Generator().manual_seed(0))
+    x[:, :, 40:60] = 1.0
+    rois = torch.tensor([[0, 0.0, 0.0, 130.0, 130.0], [0, 3.0, 5.0, 140.0, 120.0]])
+    assert_same_forward_and_grad(
+        lambda t: roi_pool(t, rois, 7), lambda t: torchvision.ops.roi_pool(t, rois, 7), x, 1e-5
+    )
+
+
 def test_roi_pool_is_exact_in_float64():
     for seed in range(3):
         x, rois, scale = random_case(seed, torch.float64)

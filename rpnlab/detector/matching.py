@@ -275,7 +275,8 @@ class BalancedSampler:
         (``torch.rand((B, A))``), then per image the ``P = int(batch_size_per_image *
         positive_fraction)`` positives with the largest keys (a top-k over keys masked to the
         positives) and the ``batch_size_per_image - num_pos`` negatives likewise. Every shape is
-        known in advance, so nothing is read back to the host. Picks exactly what ``__call__``
+        known in advance, so nothing is read back to the host on a GPU (on the CPU, where that is
+        free, images with at most ``P`` positives skip their top-k: they keep them all). Picks exactly what ``__call__``
         picks with ``draw="keys"`` and the same generator state.
         """
         if not isinstance(labels, Tensor) or labels.dim() != 2:
@@ -286,7 +287,16 @@ class BalancedSampler:
         keys = self._keys((b, a), labels.device)
         positive, negative = labels >= 1, labels == 0
         max_pos = int(self.batch_size_per_image * self.positive_fraction)
-        pos_mask = self._top_keys(keys, positive, min(max_pos, a), None)
+        if labels.device.type == "cpu":
+            # On the CPU reading counts back costs nothing: an image with at most max_pos positives
+            # keeps them all (what its top-k would pick), so only the others need a top-k.
+            pos_mask = positive
+            over = positive.sum(dim=1) > max_pos  # (B,)
+            if bool(over.any()):
+                pos_mask = positive.clone()
+                pos_mask[over] = self._top_keys(keys[over], positive[over], min(max_pos, a), None)
+        else:
+            pos_mask = self._top_keys(keys, positive, min(max_pos, a), None)
         num_pos = pos_mask.sum(dim=1)  # (B,) = min(#positives, max_pos), stays on the device
         neg_mask = self._top_keys(keys, negative, min(self.batch_size_per_image, a),
                                   self.batch_size_per_image - num_pos)

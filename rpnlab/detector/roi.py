@@ -177,10 +177,15 @@ def _first_max(cells: Tensor) -> Tensor:
     order of magnitude slower on CPU, so the first index is found with two ``amax`` passes: rank
     the cells P, P-1, ..., 1 and take the largest rank among those equal to the maximum.
     """
+    cells_per_bin = cells.shape[1]
     with torch.no_grad():
         is_max = cells == cells.amax(dim=1, keepdim=True)  # (n, P, C)
-        rank = torch.arange(cells.shape[1], 0, -1, device=cells.device, dtype=torch.uint8)[:, None]
-        return cells.shape[1] - (is_max * rank).amax(dim=1).long()
+        # The smallest integer type that holds the ranks (bins of more than 255 cells need int16).
+        dtype = torch.uint8 if cells_per_bin <= 255 else torch.int16 if cells_per_bin <= 32767 else torch.int32
+        rank = torch.arange(cells_per_bin, 0, -1, device=cells.device, dtype=dtype)[:, None]
+        # bool and uint8 have the same bytes: rank the maxima in place, no promoted copy
+        ranked = is_max.view(torch.uint8) if dtype == torch.uint8 else is_max.to(dtype)
+        return ranked.mul_(rank).amax(dim=1).neg_().add_(cells_per_bin).long()  # P - largest rank
 
 
 def roi_pool(
@@ -238,7 +243,7 @@ def roi_pool(
     # Channels last: each cell read below is one contiguous row of C values (see _pixel_rows).
     table = input.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C)
     channel = torch.arange(channels, device=input.device)
-    parts = [torch.zeros((0, channels), dtype=torch.long, device=input.device)]
+    where = torch.empty((len(order), channels), dtype=torch.long, device=input.device)
     for which in order.split(counts):
         size_h, size_w = int(bin_h[which[0]]), int(bin_w[which[0]])
         rows = top[which, None, None] + torch.arange(size_h, device=input.device)[:, None]  # (n, size_h, 1)
@@ -247,8 +252,7 @@ def roi_pool(
         with torch.no_grad():  # find the maximum cells ...
             cells = table.index_select(0, flat.view(-1)).view(len(which), size_h * size_w, channels)
             best = flat.gather(1, _first_max(cells))  # (n, C): the table row of each channel's maximum
-        parts.append(best * channels + channel)  # ... their positions in the flattened table
-    where = parts[0].new_empty((len(order), channels)).index_copy_(0, order, torch.cat(parts))
+        where[which] = best.mul_(channels).add_(channel)  # ... their positions in the flattened table
     # Read the maximum cells (in bin order): the gradient flows back through this read to them only.
     pooled = table.reshape(-1).gather(0, where.view(-1)).view(-1, channels)  # (K*out_h*out_w, C)
     pooled = pooled.masked_fill(empty[:, None], 0.0).view(len(rois), out_h, out_w, channels)

@@ -44,6 +44,11 @@ __all__ = ["DEFAULT_MAX_IOU_VALUES", "DEFAULT_TILE_VALUES", "batched_box_iou", "
 DEFAULT_MAX_IOU_VALUES = 1 << 24
 # IoU values computed at a time: 256 KB of float32 per temporary, which stays in a core's L2 cache.
 DEFAULT_TILE_VALUES = 1 << 16
+# Above this many IoU values (16 MB in float32: beyond the caches) a CPU does not store the
+# (B, M, A) matrix for the low-quality ties but computes the few tiles that hold them again:
+# B=32 G=50 370 -> 300 ms, B=1 G=500 95 -> 79 ms; below it the stored sweep is the faster
+# (B=1 G=3 3.0 against 5.5 ms). Measured with benchmarks/bench_ops.py --only targets.
+RECOMPUTE_ABOVE_VALUES = 1 << 22
 
 
 def pad_boxes(boxes_list: Sequence[Tensor], dtype=None, device=None) -> tuple[Tensor, Tensor]:
@@ -154,10 +159,12 @@ def _match_tiled(
 ) -> Tensor:
     """``gt: (B, M, 4)``, ``valid: (B, M)``, ``anchors: (1 or B, A, 4)`` -> ``matched_idxs: (B, A)``.
 
-    The IoU is computed once, tile by tile of anchors (``B x M x tile`` about ``tile_values``
-    values, so the temporaries stay in cache), into one ``(B, M, A)`` buffer; the per-anchor
-    maxima are taken per tile, the per-gt maxima accumulated over tiles, and the low-quality ties
-    are found in a second sweep over the stored values (no recomputation). With ``grid`` (the
+    The IoU is computed tile by tile of anchors (``B x M x tile`` about ``tile_values`` values, so
+    the temporaries stay in cache); the per-anchor maxima are taken per tile and each gt's
+    maximum per tile is kept. The low-quality ties are then found, for a CPU matrix of more than
+    ``RECOMPUTE_ABOVE_VALUES``, by computing the IoU again for the (gt, tile) pairs where a gt
+    reaches its best (a few tiles per gt; the tile buffer is reused), otherwise by a second sweep
+    over a stored ``(B, M, A)`` buffer (no host syncs on a GPU). With ``grid`` (the
     anchors' grid layout) the tiles are whole rows of the grid and the IoU is computed from
     separable overlaps; ``inside: (B, A)`` then sets the IoU of anchors outside the image to 0.
     """
@@ -175,13 +182,17 @@ def _match_tiled(
         rows_per_tile = max(1, tile // row)
         tile = rows_per_tile * row
         heights, widths = grid.overlaps(corners)
-    iou = gt.new_empty((b, m, a))
+    # A large IoU matrix on the CPU is not stored: the ties are found again from the few tiles
+    # that hold them (below), and one tile's buffer, reused and kept in cache, is all that is
+    # written. Otherwise the whole (B, M, A) is stored and swept a second time.
+    recompute = gt.device.type == "cpu" and b * m * a > RECOMPUTE_ABOVE_VALUES
+    iou = gt.new_empty(b * m * tile if recompute else (b, m, a))
     best_quality = gt.new_empty((b, a))
     best_gt = torch.empty((b, a), dtype=torch.int64, device=gt.device)
-    best_for_gt = gt.new_zeros((b, m))
+    tile_max = gt.new_empty((b, m, -(-a // tile)))  # each gt's best IoU in each tile
     for s in range(0, a, tile):
         e = min(a, s + tile)
-        out = iou[:, :, s:e]
+        out = iou[: b * m * (e - s)].view(b, m, e - s) if recompute else iou[:, :, s:e]
         if grid is None:
             _iou_into(out, corners, anchors[:, s:e], area_a[..., s:e])
         else:
@@ -189,11 +200,31 @@ def _match_tiled(
             if inside is not None:
                 out.masked_fill_(~inside[:, None, s:e], 0.0)  # as an anchor shrunk to a point
         torch.max(out, dim=1, out=(best_quality[:, s:e], best_gt[:, s:e]))
-        torch.maximum(best_for_gt, out.amax(dim=2), out=best_for_gt)
+        torch.amax(out, dim=2, out=tile_max[:, :, s // tile])
+    best_for_gt = tile_max.amax(dim=2)  # (B, M)
     matches = matcher._threshold(best_quality, best_gt)
     if not matcher.allow_low_quality_matches:
         return matches
     eligible = valid & (best_for_gt >= matcher.low_quality_min_iou)
+    if recompute:
+        # A gt's best IoU is reached only in the tiles whose own maximum for it equals it: compute
+        # the IoU of those (gt, tile) pairs again (the same operations, so the same bits) and find
+        # the ties there. Reading the pairs back is free on the CPU; a GPU sweeps the stored IoU.
+        hit = (tile_max == best_for_gt[:, :, None]) & eligible[:, :, None]  # (B, M, tiles)
+        bi, gi, ti = torch.nonzero(hit, as_tuple=True)
+        cols = (ti[:, None] * tile + torch.arange(tile, device=gt.device)).clamp_(max=a - 1)  # (N, tile)
+        tile_anchors = anchors[bi[:, None] if anchors.shape[0] > 1 else 0, cols]  # (N, tile, 4)
+        values = gt.new_empty((len(bi), 1, tile))
+        pair = tuple(c[bi, gi][:, :, None] for c in corners)  # (N, 1, 1) each
+        _iou_into(values, pair, tile_anchors, _area(tile_anchors)[:, None, :])
+        values = values[:, 0]
+        if inside is not None:
+            values.masked_fill_(~inside[bi[:, None], cols], 0.0)
+        ties = values == best_for_gt[bi, gi][:, None]  # (N, tile); clamped columns repeat a real one
+        which, pos = torch.nonzero(ties, as_tuple=True)
+        claimed = torch.zeros((b, a), dtype=torch.bool, device=gt.device)
+        claimed[bi[which], cols[which, pos]] = True
+        return torch.where(claimed, best_gt, matches)
     # NaN equals nothing, so padded and ineligible rows claim no anchor.
     best_for_gt = best_for_gt.masked_fill(~eligible, float("nan"))[:, :, None]
     claimed = torch.empty((b, a), dtype=torch.bool, device=gt.device)
