@@ -302,11 +302,13 @@ def configs_from_args(
 ) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     """Apply the options given on the command line to ``base`` (default: ``args.preset``'s configs,
     or the configs stored in ``args.resume``'s checkpoint) and validate. Raises ``ValueError``."""
+    base_is_synthetic_preset = False
     if base is None:
         if getattr(args, "resume", None):
             base = checkpoint_configs(args.resume)
         else:
             base = preset_configs(getattr(args, "preset", "synthetic"))
+            base_is_synthetic_preset = getattr(args, "preset", "synthetic") == "synthetic"
     model, data, train = (dataclasses.replace(c) for c in base)
     given = vars(args)
     init = given.get(_dest("model", "init"))
@@ -335,6 +337,12 @@ def configs_from_args(
         elif isinstance(value, list):
             value = tuple(value)
         setattr(targets[section], name, value)
+    if (base_is_synthetic_preset and not init and _dest("anchors", "sizes") not in given
+            and (_dest("data", "min_size") in given or _dest("data", "max_size") in given)):
+        # The synthetic preset's anchors follow its input size; resized otherwise, they follow too.
+        from rpnlab.engine.presets import synthetic_detector_config
+
+        model.anchors.sizes = synthetic_detector_config(data).anchors.sizes
     # Re-run AnchorConfig's normalisation (flat tuples -> one level) after the edits, and use a
     # single level of ratios for every level of sizes.
     model.anchors = AnchorConfig(**{f.name: getattr(model.anchors, f.name) for f in dataclasses.fields(AnchorConfig)})

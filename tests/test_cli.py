@@ -106,6 +106,18 @@ def test_options_override_the_preset():
 
 
 @pytest.mark.parametrize(
+    "options, sizes",
+    [([], (24.0, 48.0, 96.0)),  # the preset: 192 px
+     (["--min-size", "128", "--max-size", "256"], (16.0, 32.0, 64.0)),  # the course's input, its anchors
+     (["--image-size", "256"], (24.0, 48.0, 96.0)),  # drawn larger, still fed at 192: same anchors
+     (["--min-size", "128", "--anchor-sizes", "20", "40"], (20.0, 40.0))],  # given sizes win
+)
+def test_synthetic_preset_anchors_follow_the_input_size(options, sizes):
+    model, _, _ = cli.configs_from_args(cli.build_parser().parse_args(["train", *options]))
+    assert model.anchors.sizes == (sizes,)
+
+
+@pytest.mark.parametrize(
     "values, levels",
     [(["16", "32"], ((16.0, 32.0),)), (["16,32", "64"], ((16.0, 32.0), (64.0,))), (["[[8], [16, 32]]"], ((8.0,), (16.0, 32.0)))],
 )

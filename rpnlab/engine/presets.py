@@ -24,6 +24,8 @@ __all__ = ["PRESETS", "gpu_data_config", "photos_configs", "preset_configs", "sy
            "synthetic_detector_config"]
 
 PRESETS = ("synthetic", "gpu", "defaults", "photos")
+# The side of the images the course's model (``synthetic_model_config``) and its anchors were made for.
+COURSE_INPUT_SIZE = 128
 
 
 def synthetic_data_config(**overrides) -> DataConfig:
@@ -48,7 +50,8 @@ def synthetic_data_config(**overrides) -> DataConfig:
 
 def synthetic_detector_config(data: DataConfig | None = None) -> ModelConfig:
     """The CPU preset's model for ``data`` (default ``synthetic_data_config()``): the course's model
-    (``synthetic_model_config``) with its anchor sizes scaled as the images are resized.
+    (``synthetic_model_config``) with its anchor sizes scaled by the network's input side over the
+    course's 128 px (the shapes are fractions of the image, whatever size they are drawn at).
 
     At the course's 128 px they are its 16, 32, 64; upsampled to the preset's 192 px the shapes
     are 18-115 px and the anchors become 24, 48, 96: measured with ``benchmarks/bench_recipe.py``
@@ -59,7 +62,10 @@ def synthetic_detector_config(data: DataConfig | None = None) -> ModelConfig:
 
     data = data if data is not None else synthetic_data_config()
     model = synthetic_model_config()
-    factor = min(data.min_size / data.image_size, data.max_size / data.image_size)  # square images
+    # The shapes' sizes are fractions of the image, so they follow the side the network sees
+    # (the square images are resized to min(min_size, max_size)), whatever size they were drawn at;
+    # the course's anchors were chosen for a 128 px input.
+    factor = min(data.min_size, data.max_size) / COURSE_INPUT_SIZE
     model.anchors = dataclasses.replace(
         model.anchors, sizes=tuple(tuple(size * factor for size in level) for level in model.anchors.sizes))
     # RoI Align from the small stride-8 map (16 x 16 at 128 px, 24 x 24 at 192) in matrix form on
