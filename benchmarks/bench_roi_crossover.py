@@ -6,8 +6,8 @@ For square maps of 8 to 64 cells a side, the median of 5 runs of ``torchvision.o
 and ``rpnlab.detector.roi.roi_align`` (the matrix form, ``out = Wy @ map @ Wx^T``), in two
 settings: a detector head (256 channels, 1024 RoIs, 7 x 7 bins, 2 x 2 points per bin) and the CPU
 preset's (128 channels, 128 RoIs, 5 x 5 bins, one point). ``RoIPooler(implementation="auto")``
-takes the matrix form below ``MATRIX_ALIGN_CELLS_PER_POINT * out_w * sampling_ratio**2`` cells,
-set from this table.
+takes the matrix form up to ``matrix_align_max_cells(out_w, sampling_ratio)`` cells, set from
+this table.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 import torchvision
 
-from rpnlab.detector.roi import MATRIX_ALIGN_CELLS_PER_POINT, roi_align
+from rpnlab.detector.roi import matrix_align_max_cells, roi_align
 
 SETTINGS = ((256, 1024, 7, 2), (128, 128, 5, 1))  # channels, RoIs, bins per side, points per bin side
 SIDES = (8, 12, 16, 24, 32, 48, 64)
@@ -37,7 +37,7 @@ def main() -> int:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread; "
-          f"auto limit: {MATRIX_ALIGN_CELLS_PER_POINT} cells x bins per side x points^2")
+          "auto limit: matrix_align_max_cells(bins per side, points per side)")
     print("| channels | RoIs | bins | points | map | torchvision ms | matrix ms | speed-up | auto picks |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for channels, num_rois, out, points in SETTINGS:
@@ -52,7 +52,7 @@ def main() -> int:
                                        torchvision.ops.roi_align(x, rois, out, 1 / 16, points), atol=1e-4, rtol=0)
             tv = _median_ms(torchvision.ops.roi_align, x, rois, out, 1 / 16, points)
             mx = _median_ms(roi_align, x, rois, out, 1 / 16, points)
-            picks = "matrix" if side * side <= MATRIX_ALIGN_CELLS_PER_POINT * out * points**2 else "kernel"
+            picks = "matrix" if side * side <= matrix_align_max_cells(out, points) else "kernel"
             print(f"| {channels} | {num_rois} | {out}x{out} | {points}x{points} | {side}x{side} | {tv:.1f} | "
                   f"{mx:.1f} | {tv / mx:.2f} | {picks} |", flush=True)
     return 0

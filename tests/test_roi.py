@@ -348,7 +348,7 @@ def test_pooler_auto_takes_the_matrix_form_on_small_cpu_maps_only(monkeypatch):
     calls = []
     real = roi_module.roi_align
     monkeypatch.setattr(roi_module, "roi_align", lambda *a, **k: calls.append(a[0].shape[-2:]) or real(*a, **k))
-    side = int((roi_module.MATRIX_ALIGN_CELLS_PER_POINT * 5) ** 0.5)  # 5 bin columns, 1 point per bin
+    side = int(roi_module.matrix_align_max_cells(5, 1) ** 0.5)  # 5 bin columns, 1 point per bin
     pooler = RoIPooler(5, (1 / 8, 1 / 16), sampling_ratio=1, implementation="auto")
     levels = [torch.randn(1, 3, 2 * side, 2 * side), torch.randn(1, 3, side, side)]
     proposals = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 400.0, 400.0]])]  # one per level

@@ -53,21 +53,28 @@ __all__ = [
     "boxes_to_rois",
     "crop_and_resize_pool",
     "fpn_level_of_boxes",
+    "matrix_align_max_cells",
     "roi_align",
     "roi_pool",
 ]
 
 _MODES = ("align", "pool", "crop")
 _IMPLEMENTATIONS = ("torchvision", "python", "auto")
-#: ``implementation="auto"``: a RoI Align level takes the matrix form of ``roi_align`` on the CPU
-#: when its map has at most ``MATRIX_ALIGN_CELLS_PER_POINT * out_w * sampling_ratio**2`` cells
-#: (H * W), torchvision's kernel otherwise. The matrix form's cost grows with the whole map (a
-#: dense product per box), the kernel's with the bilinear sample points per bin; but the kernel's
-#: CPU forward and backward run point by point on one thread, the products on BLAS. Measured
-#: (``benchmarks/bench_roi_crossover.py``: forward + backward, one thread): with 7 x 7 bins and
-#: 2 x 2 points the two cross near 48 x 48 cells, with 5 x 5 bins and one point near 20 x 20,
-#: i.e. at ~80 cells per bin column and point; 64 leaves a margin.
-MATRIX_ALIGN_CELLS_PER_POINT = 64
+def matrix_align_max_cells(out_w: int, sampling_ratio: int) -> int:
+    """``implementation="auto"``: the largest map (H * W cells) whose RoI Align takes the matrix
+    form of ``roi_align`` on the CPU; torchvision's kernel above it (0 for adaptive sampling).
+
+    The matrix form's cost grows with the whole map (a dense product per box), the kernel's with
+    the bins and their sample points; but the kernel's CPU forward and backward run point by point
+    on one thread, the products on BLAS. Measured crossovers (``benchmarks/bench_roi_crossover.py``,
+    forward + backward, one thread, fourth session): 7 x 7 bins with 2 x 2 points between 32 x 32
+    (matrix 1.69x faster) and 48 x 48 (1.08x); 5 x 5 bins with one point between 32 x 32 (1.07x)
+    and 48 x 48 (0.62x), and 1.37x at 24 x 24. ``17 * out_w * (sampling_ratio**2 + 10)`` passes
+    below both with a margin: 1666 cells (~40 x 40) and 935 (~30 x 30).
+    """
+    if sampling_ratio <= 0:
+        return 0  # adaptive sampling: the points per bin grow with the box, the kernel scales better
+    return 17 * out_w * (sampling_ratio**2 + 10)
 
 
 # ----------------------------------------------------------------------------- argument handling
@@ -493,7 +500,7 @@ class RoIPooler(nn.Module):
         aligned: RoI Align's half-cell correction.
         implementation: ``"torchvision"`` (compiled kernels), ``"python"`` (this module's
             functions; same numbers, readable) or ``"auto"`` (RoI Align on the CPU from maps small
-            enough for its matrix form to be faster, see ``MATRIX_ALIGN_CELLS_PER_POINT``, in
+            enough for its matrix form to be faster, see ``matrix_align_max_cells``, in
             float32 even under autocast; everything else with torchvision's kernels).
         canonical_scale, canonical_level: the FPN level rule, see ``fpn_level_of_boxes``.
     """
@@ -567,10 +574,9 @@ class RoIPooler(nn.Module):
 
     def _matrix_align(self, feature: Tensor) -> bool:
         """``implementation="auto"``: whether this level's RoI Align takes the matrix form."""
-        if self.implementation != "auto" or feature.device.type != "cpu" or self.sampling_ratio <= 0:
-            return False  # adaptive sampling: the points per bin grow with the box, the kernel scales better
-        limit = MATRIX_ALIGN_CELLS_PER_POINT * self.output_size[1] * self.sampling_ratio**2
-        return feature.shape[-2] * feature.shape[-1] <= limit
+        if self.implementation != "auto" or feature.device.type != "cpu":
+            return False
+        return feature.shape[-2] * feature.shape[-1] <= matrix_align_max_cells(self.output_size[1], self.sampling_ratio)
 
     def forward(self, features: Tensor | Sequence[Tensor], proposals: Sequence[Tensor]) -> Tensor:
         """Pool ``proposals`` (per image ``(P_i, 4)``, image pixels) from ``features``.
