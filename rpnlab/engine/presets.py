@@ -37,10 +37,11 @@ def synthetic_data_config(**overrides) -> DataConfig:
     (the shapes have no up and down: triangles point all four ways) and a colour jitter of 0.2,
     0.747; then upsampling to 160 px 0.803, to 192 px 0.821 (0.847 with the anchors scaled to
     match, which ``synthetic_detector_config`` does). An iteration at 192 px costs ~1.2x one at
-    128 px on 2 CPU cores (143 against 120 CPU ms), and the gain per iteration outweighs it in the wall-clock benchmark
-    (``benchmarks/bench_detector.py --minutes 5``, 2 threads, bf16): 0.874 after 5 minutes
-    (4012 iterations) against 0.837 at 128 px (4831 iterations); after 15 minutes 0.904 against
-    0.891. ``min_size=128, max_size=256`` gives the course's 128 px images back.
+    128 px on 2 CPU cores (143 against 120 CPU ms), and the gain per iteration outweighs it in the
+    wall-clock benchmark (``benchmarks/bench_detector.py``, 2 threads, bf16): 0.874 after 5 minutes
+    (4012 iterations) against 0.837 at 128 px (4831); 0.915-0.916 after 15 minutes (9705 and 11613
+    iterations, two runs) against 0.891. ``min_size=128, max_size=256`` gives the course's 128 px
+    images back (``preset_configs("synthetic", input_size=128)``).
     """
     cfg = DataConfig(min_size=192, max_size=384, vflip_prob=0.5, color_jitter=0.2)
     for key, value in overrides.items():
