@@ -138,9 +138,9 @@ _HELP = {
     ("roi", "output_size"): "pooled grid side (7 in the paper)",
     ("roi", "sampling_ratio"): "RoI Align sample points per bin and axis (0: adaptive)",
     ("roi", "aligned"): "RoI Align's half-pixel correction",
-    ("roi", "implementation"): "'torchvision' (compiled kernels), 'python' (the readable teaching code) or 'auto' "
-                               "(RoI Align from small CPU maps in the teaching code's matrix form, faster there; "
-                               "else the kernels)",
+    ("roi", "implementation"): "'auto' (RoI Align on a CPU in rpnlab's matrix or sparse form, faster than the "
+                               "kernels there; elsewhere the kernels), 'torchvision' (compiled kernels) or 'python' "
+                               "(the readable teaching code)",
     ("roi", "representation_size"): "width of the two fully connected layers of the box head",
     ("roi", "smooth_l1_beta"): "smooth-L1 transition point of the Fast R-CNN box loss",
     ("roi", "score_thresh"): "detections scoring below this are dropped",

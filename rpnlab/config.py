@@ -202,7 +202,7 @@ class RoIConfig:
     output_size: int = 7
     sampling_ratio: int = 2
     aligned: bool = False  # RoI Align's half-pixel correction (detectron2 default True, torchvision False)
-    implementation: str = "torchvision"  # "torchvision" (compiled kernels), "python" (the teaching versions) or "auto" (RoI Align from small CPU maps in matrix form)
+    implementation: str = "auto"  # "auto" (the fastest RoI Align on this device: on a CPU rpnlab's matrix or sparse form, else the kernels), "torchvision" (compiled kernels) or "python" (the teaching versions)
     representation_size: int = 1024
     smooth_l1_beta: float = 1.0
     score_thresh: float = 0.05

@@ -126,13 +126,12 @@ def test_synthetic_preset_upsamples_flips_both_ways_and_scales_the_anchors_with_
     model_cfg, data_cfg, train_cfg = preset_configs("synthetic")
     assert (data_cfg.image_size, data_cfg.min_size, data_cfg.max_size) == (128, 192, 384)
     assert data_cfg.vflip_prob > 0 and data_cfg.color_jitter > 0 and train_cfg.amp == "auto"
-    assert model_cfg.roi.implementation == "auto"  # RoI Align in matrix form from small CPU maps
+    assert model_cfg.roi.implementation == "auto"  # RoI Align in matrix form from small CPU maps (the default)
     assert model_cfg.anchors.sizes == ((24.0, 48.0, 96.0),)  # the course's 16, 32, 64 x 192 / 128
     image, _ = build_dataset(dataclasses.replace(data_cfg, root=str(tmp_path), num_val=1), "val")[0]
     assert tuple(image.shape[-2:]) == (192, 192)
     course = dataclasses.replace(data_cfg, min_size=128, max_size=256)
     model_cfg = synthetic_detector_config(course)
-    model_cfg.roi.implementation = "torchvision"
     assert model_cfg == synthetic_model_config()  # at 128 px: the course's model
 
 

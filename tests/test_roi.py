@@ -353,7 +353,7 @@ def test_pooler_auto_takes_the_matrix_form_on_small_cpu_maps_only(monkeypatch):
     levels = [torch.randn(1, 3, 2 * side, 2 * side), torch.randn(1, 3, side, side)]
     proposals = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 400.0, 400.0]])]  # one per level
     out = pooler(levels, proposals)
-    assert calls == [torch.Size([side, side])]  # the coarse level only; the fine one had the kernel
+    assert calls == [torch.Size([side, side])]  # the coarse level only (the fine one: the sparse form)
     ref = RoIPooler(5, (1 / 8, 1 / 16), sampling_ratio=1)(levels, proposals)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     # Under bf16 autocast the matrix form still pools in float32, as torchvision's kernel does.

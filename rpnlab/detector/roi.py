@@ -28,7 +28,9 @@ bilinear reads and bin means as two small dense matrices per box, ``Wy @ map @ W
 Memory: ``roi_pool`` reads ``K x out_h x out_w x (cells per bin) x C`` values (without gradient),
 ``roi_align`` makes a ``(boxes of the image x out_h, C x W)`` product per image; on CPU they run
 within a few times torchvision's kernels (``benchmarks/bench_ops.py``). ``RoIPooler`` uses the
-torchvision kernels by default.
+torchvision kernels by default; with ``implementation="auto"`` (the detector's default,
+``RoIConfig``) RoI Align on a CPU takes the matrix form on small maps and
+``rpnlab.detector.roi_sparse`` (the same weights as one sparse matrix per image) on large ones.
 
 Longer than 500 lines because the three pooling methods are written out in plain PyTorch (the
 lesson) next to the RoIPooler that uses torchvision's kernels.
@@ -47,6 +49,8 @@ from torch import Tensor, nn
 
 from rpnlab.detector.boxes import box_area, check_boxes
 from rpnlab.detector.checks import check_finite, values_checked
+from rpnlab.detector.roi_points import align_axis, align_points
+from rpnlab.detector.roi_sparse import roi_align_sparse, sparse_align_available
 
 __all__ = [
     "RoIPooler",
@@ -269,26 +273,8 @@ def roi_pool(
 # ----------------------------------------------------------------------------- bilinear sampling
 
 
-def _align_axis(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """RoI Align's interpolation along one axis: coordinates ``(...)`` in cells -> the two cells to
-    blend, ``low, high: (...)`` int64, and their weights ``w_low, w_high: (...)``.
-
-    Cell ``i`` holds the value at coordinate ``i``. A point more than one cell outside the map
-    reads 0; a point within one cell of the border reads the border cell.
-    """
-    inside = ((coord >= -1.0) & (coord <= size)).to(coord.dtype)
-    coord = coord.clamp(min=0)
-    low = coord.floor().long()
-    # On or past the last cell there is no right neighbour: read the last cell alone.
-    at_edge = low >= size - 1
-    low = low.clamp(max=size - 1)
-    high = torch.where(at_edge, low, low + 1)
-    frac = torch.where(at_edge, torch.zeros_like(coord), coord - low)
-    return low, high, (1 - frac) * inside, frac * inside
-
-
 def _crop_axis(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``tf.image.crop_and_resize``'s interpolation along one axis (same outputs as ``_align_axis``).
+    """``tf.image.crop_and_resize``'s interpolation along one axis (same outputs as ``align_axis``).
 
     A point outside ``[0, size - 1]`` reads 0 (TensorFlow's ``extrapolation_value``); no clamping.
     """
@@ -334,12 +320,8 @@ def _interpolation_matrix(start: Tensor, bin_size: Tensor, grid: Tensor, bins: i
     at ``start + p * bin_size + (i + 0.5) * bin_size / grid`` (centres of ``grid`` equal sub-bins);
     RoIs with fewer points than the largest grid give their extra points weight 0.
     """
-    points = int(grid.max()) if len(grid) else 1
-    p = torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None]
-    i = torch.arange(points, device=start.device, dtype=start.dtype)[None, None, :]
-    s, b, g = start[:, None, None], bin_size[:, None, None], grid.to(start.dtype)[:, None, None]
-    low, high, w_low, w_high = _align_axis(s + p * b + (i + 0.5) * b / g, size)  # (K, bins, points)
-    share = (i < g).to(start.dtype) / g  # each point's share of the bin's mean; 0 beyond the grid
+    coord, share = align_points(start, bin_size, grid, bins)  # (K, bins, points), (K, 1, points)
+    low, high, w_low, w_high = align_axis(coord, size)
     matrix = start.new_zeros((len(grid), bins, size))
     matrix.scatter_add_(2, low, w_low * share)
     return matrix.scatter_add_(2, high, w_high * share)
@@ -560,11 +542,13 @@ class RoIPooler(nn.Module):
     def _pool_level(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         python = self.implementation == "python"
         if self.mode == "align":
-            if self._matrix_align(feature):
+            form = self._align_form(feature)
+            if form != "kernel":
+                fn = roi_align if form == "matrix" else roi_align_sparse
                 # float32 as torchvision's kernel under autocast: pooled values feed the box head
                 with torch.autocast(feature.device.type, enabled=False):
-                    return roi_align(feature.float(), rois.float(), self.output_size, scale, self.sampling_ratio,
-                                     self.aligned)
+                    return fn(feature.float(), rois.float(), self.output_size, scale, self.sampling_ratio,
+                              self.aligned)
             fn = roi_align if python else torchvision.ops.roi_align
             return fn(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
         if self.mode == "pool":
@@ -572,11 +556,16 @@ class RoIPooler(nn.Module):
             return fn(feature, rois, self.output_size, scale)
         return crop_and_resize_pool(feature, rois, self.output_size, scale)
 
-    def _matrix_align(self, feature: Tensor) -> bool:
-        """``implementation="auto"``: whether this level's RoI Align takes the matrix form."""
-        if self.implementation != "auto" or feature.device.type != "cpu":
-            return False
-        return feature.shape[-2] * feature.shape[-1] <= matrix_align_max_cells(self.output_size[1], self.sampling_ratio)
+    def _align_form(self, feature: Tensor) -> str:
+        """How this level's RoI Align runs: ``"kernel"`` (torchvision's, or the teaching code for
+        ``implementation="python"``), or with ``implementation="auto"`` on the CPU ``"matrix"``
+        (``roi_align``'s dense products, maps up to ``matrix_align_max_cells``) and ``"sparse"``
+        (``roi_sparse.roi_align_sparse``, larger maps, fixed sampling ratio, MKL)."""
+        if self.implementation != "auto" or feature.device.type != "cpu" or self.sampling_ratio <= 0:
+            return "kernel"  # adaptive sampling: the points per bin grow with the box, the kernel scales better
+        if feature.shape[-2] * feature.shape[-1] <= matrix_align_max_cells(self.output_size[1], self.sampling_ratio):
+            return "matrix"
+        return "sparse" if sparse_align_available(feature.device) else "kernel"
 
     def forward(self, features: Tensor | Sequence[Tensor], proposals: Sequence[Tensor]) -> Tensor:
         """Pool ``proposals`` (per image ``(P_i, 4)``, image pixels) from ``features``.

@@ -1,0 +1,106 @@
+"""RoI Align as sparse matrix products (``rpnlab.detector.roi_sparse``) against torchvision's kernel."""
+
+import pytest
+import torch
+import torchvision
+
+from rpnlab.detector.roi import RoIPooler
+from rpnlab.detector.roi_sparse import roi_align_sparse, sparse_align_available
+
+pytestmark = pytest.mark.skipif(not sparse_align_available(torch.device("cpu")), reason="PyTorch without MKL")
+
+
+def _rois(g, count, batch, height, width, scale, spill=0.3):
+    """Random ``(K, 5)`` rois over an image of the map's extent, some reaching past its border."""
+    img_h, img_w = height / scale, width / scale
+    cx = torch.rand(count, generator=g) * img_w * (1 + 2 * spill) - spill * img_w
+    cy = torch.rand(count, generator=g) * img_h * (1 + 2 * spill) - spill * img_h
+    w = torch.rand(count, generator=g) * img_w * 0.6 + 0.5
+    h = torch.rand(count, generator=g) * img_h * 0.6 + 0.5
+    b = torch.randint(0, batch, (count,), generator=g).to(torch.float64)
+    return torch.stack((b, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=1)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize(("output_size", "sampling_ratio"), [((7, 7), 2), ((5, 3), 1), ((2, 4), 3)])
+def test_values_and_gradient_equal_torchvision(aligned, output_size, sampling_ratio):
+    g = torch.Generator().manual_seed(hash((aligned, output_size, sampling_ratio)) % 1000)
+    feature = torch.randn(3, 4, 13, 21, generator=g, dtype=torch.float64)
+    rois = _rois(g, 40, 3, 13, 21, 1 / 8)
+    rois[:3, 1:] = torch.tensor([[0.0, 0.0, 0.0, 0.0], [-30.0, -30.0, -9.0, -9.0], [160.0, 96.0, 400.0, 300.0]],
+                                dtype=torch.float64)  # a point box, one outside, one over the far corner
+    feature_ref = feature.clone().requires_grad_()
+    feature.requires_grad_()
+    out = roi_align_sparse(feature, rois, output_size, 1 / 8, sampling_ratio, aligned)
+    ref = torchvision.ops.roi_align(feature_ref, rois, output_size, 1 / 8, sampling_ratio, aligned)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, feature, upstream)
+    (ref_grad,) = torch.autograd.grad(ref, feature_ref, upstream)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
+
+
+def test_rois_in_any_image_order_and_images_without_rois():
+    g = torch.Generator().manual_seed(3)
+    feature = torch.randn(4, 5, 17, 9, generator=g, requires_grad=True)
+    rois = _rois(g, 30, 4, 17, 9, 1 / 4).float()
+    rois[:, 0] = torch.tensor([2.0, 0.0] * 15)  # images 1 and 3 have none; 2 and 0 alternate
+    out = roi_align_sparse(feature, rois, (7, 7), 1 / 4, 2)
+    ref = torchvision.ops.roi_align(feature, rois, 7, 1 / 4, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    upstream = torch.randn(ref.shape, generator=g)
+    (grad,) = torch.autograd.grad(out, feature, upstream)
+    (ref_grad,) = torch.autograd.grad(ref, feature, upstream)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0)
+    assert grad[1].abs().sum() == 0 and grad[3].abs().sum() == 0
+
+
+def test_no_rois_gives_an_empty_batch_and_a_zero_gradient():
+    feature = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = roi_align_sparse(feature, torch.zeros(0, 5), (7, 7), 1 / 16, 2)
+    assert out.shape == (0, 3, 7, 7)
+    out.sum().backward()
+    assert feature.grad is not None and feature.grad.abs().sum() == 0
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(2, 2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    rois = _rois(g, 5, 2, 6, 5, 1 / 2)
+    assert torch.autograd.gradcheck(lambda f: roi_align_sparse(f, rois, (3, 2), 1 / 2, 2), (feature,))
+
+
+@pytest.mark.parametrize(("sampling_ratio", "dtype", "match"), [(0, torch.float32, "sampling_ratio > 0"),
+                                                                (2, torch.bfloat16, "float32/float64")])
+def test_refuses_what_it_cannot_do(sampling_ratio, dtype, match):
+    with pytest.raises(ValueError, match=match):
+        roi_align_sparse(torch.zeros(1, 1, 4, 4, dtype=dtype), torch.zeros(1, 5), (2, 2), 1.0, sampling_ratio)
+
+
+def test_pooler_auto_takes_the_sparse_form_on_large_cpu_maps(monkeypatch):
+    from rpnlab.detector import roi as roi_module
+
+    calls = []
+    real = roi_module.roi_align_sparse
+    monkeypatch.setattr(roi_module, "roi_align_sparse", lambda *a, **k: calls.append(a[0].shape[-2:]) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    levels = [torch.randn(2, 8, 96, 128, generator=g, requires_grad=True),
+              torch.randn(2, 8, 48, 64, generator=g, requires_grad=True)]
+    proposals = [_rois(g, 12, 1, 96, 128, 1 / 4, spill=0)[:, 1:].float() for _ in range(2)]
+    proposals[0][0] = torch.tensor([0.0, 0.0, 300.0, 300.0])  # one big box: level 1 (k=3 with canonical 4)
+    pooler = RoIPooler(7, (1 / 4, 1 / 8), sampling_ratio=2, implementation="auto", canonical_level=3)
+    out = pooler(levels, proposals)
+    assert calls == [torch.Size([96, 128]), torch.Size([48, 64])]  # both above the matrix form's limit
+    ref = RoIPooler(7, (1 / 4, 1 / 8), sampling_ratio=2, canonical_level=3)(levels, proposals)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    upstream = torch.randn(out.shape, generator=g)
+    for grad, ref_grad in zip(torch.autograd.grad(out, levels, upstream), torch.autograd.grad(ref, levels, upstream)):
+        # float32 sums of up to hundreds of shares per cell, added in another order
+        torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=0)
+    # bf16 maps under autocast: the same pooled values and dtype as with torchvision's kernel
+    half_levels = [level.detach().bfloat16() for level in levels]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = pooler(half_levels, proposals)
+        half_ref = RoIPooler(7, (1 / 4, 1 / 8), sampling_ratio=2, canonical_level=3)(half_levels, proposals)
+    assert len(calls) == 4 and half.dtype == half_ref.dtype
+    torch.testing.assert_close(half, half_ref, atol=1e-2, rtol=0)
