@@ -104,3 +104,36 @@ def test_pooler_auto_takes_the_sparse_form_on_large_cpu_maps(monkeypatch):
         half_ref = RoIPooler(7, (1 / 4, 1 / 8), sampling_ratio=2, canonical_level=3)(half_levels, proposals)
     assert len(calls) == 4 and half.dtype == half_ref.dtype
     torch.testing.assert_close(half, half_ref, atol=1e-2, rtol=0)
+
+
+def test_align_matrices_rows_are_bins_and_columns_cells():
+    from rpnlab.detector.roi_sparse import align_matrices
+
+    g = torch.Generator().manual_seed(5)
+    feature = torch.randn(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    rois = _rois(g, 6, 2, 9, 11, 1 / 4)
+    rois = rois[torch.argsort(rois[:, 0], stable=True)]
+    matrices = align_matrices(rois, 2, (9, 11), (3, 2), 1 / 4, 2)
+    ref = torchvision.ops.roi_align(feature, rois, (3, 2), 1 / 4, 2)
+    start = 0
+    for n, matrix in enumerate(matrices):
+        k = int((rois[:, 0] == n).sum())
+        assert matrix.shape == (k * 3 * 2, 9 * 11)
+        assert torch.equal(matrix.crow_indices().diff(), torch.full((k * 6,), 16))  # 4 cells x 2 x 2 points a bin
+        dense = matrix.to_dense() @ feature[n].reshape(3, -1).t()  # (k * bins, C)
+        expected = ref[start:start + k].permute(0, 2, 3, 1).reshape(k * 6, 3)
+        torch.testing.assert_close(dense, expected, atol=1e-12, rtol=0)
+        start += k
+
+
+def test_lab_check_reports_the_matrix_and_agreement():
+    from rpnlab.lab.roi import sparse_align_check
+
+    g = torch.Generator().manual_seed(6)
+    features = torch.randn(2, 4, 32, 32, generator=g)
+    rois = _rois(g, 20, 2, 32, 32, 1 / 16)
+    result = sparse_align_check(features, rois, 7, 1 / 16, 2, repeat=1)
+    assert result["columns"] == 32 * 32 and result["entries_per_row"] == 16
+    assert result["rows"] == 49 * int((rois[:, 0] == 0).sum())
+    assert result["forward_max_diff"] < 1e-4 and result["grad_max_diff"] < 1e-4
+    assert result["sparse_seconds"] > 0 and result["torchvision_seconds"] > 0

@@ -120,6 +120,53 @@ def compare_roi_kernels(
     return results
 
 
+
+def sparse_align_check(
+    features: Tensor,
+    rois: Tensor,
+    output_size: int = 7,
+    spatial_scale: float = 1 / 16,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    repeat: int = 3,
+) -> dict[str, Any]:
+    """RoI Align as one sparse matrix per image (``rpnlab.detector.roi_sparse``, the detector's CPU
+    path for large maps) against ``torchvision.ops.roi_align``, on the CPU.
+
+    Args:
+        features: ``(N, C, H, W)`` (moved to the CPU, float32); rois: ``(K, 5)`` rows
+            ``[batch_index, x1, y1, x2, y2]`` pixels.
+    Returns:
+        ``rows``, ``columns``, ``entries_per_row`` and ``density`` of image 0's matrix (the share
+        of its entries that are stored), ``forward_max_diff``, ``grad_max_diff`` (the same random
+        upstream gradient for both), ``sparse_seconds`` and ``torchvision_seconds`` (median
+        forward + backward).
+    """
+    import torchvision
+
+    from rpnlab.detector.roi_sparse import align_matrices, roi_align_sparse
+
+    features, rois = features.detach().float().cpu(), rois.detach().float().cpu()
+    rois = rois[torch.argsort(rois[:, 0], stable=True)]
+    size = (output_size, output_size)
+    matrix = align_matrices(rois, features.shape[0], tuple(features.shape[-2:]), size, spatial_scale,
+                            sampling_ratio, aligned)[0]
+    rows, columns = matrix.shape if matrix is not None else (0, features.shape[-2] * features.shape[-1])
+    kwargs = {"output_size": size, "spatial_scale": spatial_scale, "sampling_ratio": sampling_ratio,
+              "aligned": aligned}
+    out_ours, grad_ours, upstream = _forward_backward(roi_align_sparse, features, rois, None, **kwargs)
+    out_theirs, grad_theirs, _ = _forward_backward(torchvision.ops.roi_align, features, rois, upstream, **kwargs)
+    return {
+        "rows": rows, "columns": columns, "entries_per_row": 4 * sampling_ratio**2,
+        "density": 4 * sampling_ratio**2 / columns,
+        "forward_max_diff": float((out_ours - out_theirs).abs().max()) if out_ours.numel() else 0.0,
+        "grad_max_diff": float((grad_ours - grad_theirs).abs().max()),
+        "sparse_seconds": time_call(functools.partial(_forward_backward, roi_align_sparse, features, rois,
+                                                      upstream, **kwargs), repeat=repeat),
+        "torchvision_seconds": time_call(functools.partial(_forward_backward, torchvision.ops.roi_align, features,
+                                                           rois, upstream, **kwargs), repeat=repeat),
+    }
+
 def detection_funnel(
     class_logits: Tensor,
     box_regression: Tensor,
