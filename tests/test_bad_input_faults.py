@@ -157,6 +157,9 @@ def _signal_at_step(monkeypatch, step: int, signum: int):
 def test_a_signal_saves_at_the_current_step_and_resume_continues_the_same_run(signum, code, tmp_path, capsys,
                                                                             monkeypatch):
     common = ["--root", tmp_path / "syn", *TINY, "--epochs", "2", "--checkpoint-every", "5"]
+    # One torch thread for both runs: the trainer otherwise picks threads from the machine's load
+    # (configure_cpu_threads), and 1 or 2 threads round differently (seen under pytest -n 2).
+    monkeypatch.setenv("RPNLAB_THREADS", "1")
     # What SIGINT did before (the default handler, or SIG_IGN when a shell started the tests in the
     # background): the trainer must put exactly that back.
     before = signal.getsignal(signal.SIGINT)
