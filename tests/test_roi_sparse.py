@@ -77,20 +77,31 @@ def test_refuses_what_it_cannot_do(sampling_ratio, dtype, match):
         roi_align_sparse(torch.zeros(1, 1, 4, 4, dtype=dtype), torch.zeros(1, 5), (2, 2), 1.0, sampling_ratio)
 
 
+def _boxes(g, count, low, high, image=(320, 480)):
+    """``count`` square boxes with sides in ``[low, high)`` pixels inside an image of ``(h, w)``."""
+    side = torch.rand(count, generator=g) * (high - low) + low
+    x = torch.rand(count, generator=g) * (image[1] - side)
+    y = torch.rand(count, generator=g) * (image[0] - side)
+    return torch.stack((x, y, x + side, y + side), dim=1)
+
+
 def test_pooler_auto_takes_the_sparse_form_on_large_cpu_maps(monkeypatch):
     from rpnlab.detector import roi as roi_module
+    from rpnlab.detector.roi_sparse import sparse_align_min_rois
 
     calls = []
     real = roi_module.roi_align_sparse
     monkeypatch.setattr(roi_module, "roi_align_sparse", lambda *a, **k: calls.append(a[0].shape[-2:]) or real(*a, **k))
     g = torch.Generator().manual_seed(1)
-    levels = [torch.randn(2, 8, 96, 128, generator=g, requires_grad=True),
-              torch.randn(2, 8, 48, 64, generator=g, requires_grad=True)]
-    proposals = [_rois(g, 12, 1, 96, 128, 1 / 4, spill=0)[:, 1:].float() for _ in range(2)]
-    proposals[0][0] = torch.tensor([0.0, 0.0, 300.0, 300.0])  # one big box: level 1 (k=3 with canonical 4)
+    # A 320 x 480 image: P2 80 x 120 and P3 40 x 60, both above the dense form's 1666 cells.
+    levels = [torch.randn(2, 8, 80, 120, generator=g, requires_grad=True),
+              torch.randn(2, 8, 40, 60, generator=g, requires_grad=True)]
+    # Boxes under 224 px go to P2, larger ones to P3 (canonical level 3 at 224 px).
+    proposals = [torch.cat((_boxes(g, 20, 16, 200), _boxes(g, 6, 230, 300))) for _ in range(2)]
+    assert 40 >= sparse_align_min_rois(2, 80, 120, 49, 2) and 12 >= sparse_align_min_rois(2, 40, 60, 49, 2)
     pooler = RoIPooler(7, (1 / 4, 1 / 8), sampling_ratio=2, implementation="auto", canonical_level=3)
     out = pooler(levels, proposals)
-    assert calls == [torch.Size([96, 128]), torch.Size([48, 64])]  # both above the matrix form's limit
+    assert calls == [torch.Size([80, 120]), torch.Size([40, 60])]
     ref = RoIPooler(7, (1 / 4, 1 / 8), sampling_ratio=2, canonical_level=3)(levels, proposals)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     upstream = torch.randn(out.shape, generator=g)
@@ -104,6 +115,13 @@ def test_pooler_auto_takes_the_sparse_form_on_large_cpu_maps(monkeypatch):
         half_ref = RoIPooler(7, (1 / 4, 1 / 8), sampling_ratio=2, canonical_level=3)(half_levels, proposals)
     assert len(calls) == 4 and half.dtype == half_ref.dtype
     torch.testing.assert_close(half, half_ref, atol=1e-2, rtol=0)
+    # Too few RoIs on a large map: the transposes would cost more than the kernel, which keeps it.
+    calls.clear()
+    few = [_boxes(g, 3, 16, 200) for _ in range(2)]
+    single = RoIPooler(7, 1 / 4, sampling_ratio=2, implementation="auto")
+    torch.testing.assert_close(single(levels[0], few), RoIPooler(7, 1 / 4, sampling_ratio=2)(levels[0], few),
+                               atol=1e-5, rtol=0)
+    assert calls == [] and 6 < sparse_align_min_rois(2, 80, 120, 49, 2)
 
 
 def test_align_matrices_rows_are_bins_and_columns_cells():

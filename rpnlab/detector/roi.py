@@ -50,7 +50,11 @@ from torch import Tensor, nn
 from rpnlab.detector.boxes import box_area, check_boxes
 from rpnlab.detector.checks import check_finite, values_checked
 from rpnlab.detector.roi_points import align_axis, align_points
-from rpnlab.detector.roi_sparse import roi_align_sparse, sparse_align_available
+from rpnlab.detector.roi_sparse import (
+    roi_align_sparse,
+    sparse_align_available,
+    sparse_align_min_rois,
+)
 
 __all__ = [
     "RoIPooler",
@@ -542,7 +546,7 @@ class RoIPooler(nn.Module):
     def _pool_level(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         python = self.implementation == "python"
         if self.mode == "align":
-            form = self._align_form(feature)
+            form = self._align_form(feature, len(rois))
             if form != "kernel":
                 fn = roi_align if form == "matrix" else roi_align_sparse
                 # float32 as torchvision's kernel under autocast: pooled values feed the box head
@@ -556,16 +560,22 @@ class RoIPooler(nn.Module):
             return fn(feature, rois, self.output_size, scale)
         return crop_and_resize_pool(feature, rois, self.output_size, scale)
 
-    def _align_form(self, feature: Tensor) -> str:
+    def _align_form(self, feature: Tensor, num_rois: int) -> str:
         """How this level's RoI Align runs: ``"kernel"`` (torchvision's, or the teaching code for
         ``implementation="python"``), or with ``implementation="auto"`` on the CPU ``"matrix"``
         (``roi_align``'s dense products, maps up to ``matrix_align_max_cells``) and ``"sparse"``
-        (``roi_sparse.roi_align_sparse``, larger maps, fixed sampling ratio, MKL)."""
+        (``roi_sparse.roi_align_sparse``: larger maps with at least ``sparse_align_min_rois``
+        RoIs, fixed sampling ratio, MKL)."""
         if self.implementation != "auto" or feature.device.type != "cpu" or self.sampling_ratio <= 0:
             return "kernel"  # adaptive sampling: the points per bin grow with the box, the kernel scales better
-        if feature.shape[-2] * feature.shape[-1] <= matrix_align_max_cells(self.output_size[1], self.sampling_ratio):
+        batch, _, height, width = feature.shape
+        if height * width <= matrix_align_max_cells(self.output_size[1], self.sampling_ratio):
             return "matrix"
-        return "sparse" if sparse_align_available(feature.device) else "kernel"
+        bins = self.output_size[0] * self.output_size[1]
+        if sparse_align_available(feature.device) and num_rois >= sparse_align_min_rois(
+                batch, height, width, bins, self.sampling_ratio):
+            return "sparse"
+        return "kernel"
 
     def forward(self, features: Tensor | Sequence[Tensor], proposals: Sequence[Tensor]) -> Tensor:
         """Pool ``proposals`` (per image ``(P_i, 4)``, image pixels) from ``features``.

@@ -21,11 +21,13 @@ The weights are those of ``rpnlab.detector.roi.roi_align`` (same point positions
 rule), so values and gradients equal torchvision's up to float rounding. Only a fixed sampling
 ratio (``> 0``) is supported: with adaptive sampling the rows would differ in length and a big box
 would get hundreds of entries per bin. Needs PyTorch built with MKL (``sparse_align_available``);
-elsewhere ``RoIPooler`` keeps torchvision's kernel.
+elsewhere, and for levels with too few RoIs to pay for the transposes
+(``sparse_align_min_rois``), ``RoIPooler`` keeps torchvision's kernel.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -33,12 +35,26 @@ from torch import Tensor
 
 from rpnlab.detector.roi_points import align_axis, align_points
 
-__all__ = ["align_matrices", "roi_align_sparse", "sparse_align_available"]
+__all__ = ["align_matrices", "roi_align_sparse", "sparse_align_available", "sparse_align_min_rois"]
 
 
 def sparse_align_available(device: torch.device) -> bool:
-    """Whether ``roi_align_sparse`` is the fast choice here: a CPU tensor and MKL's sparse BLAS."""
+    """Whether ``roi_align_sparse`` can be the fast choice here: a CPU tensor and MKL's sparse BLAS."""
     return device.type == "cpu" and torch.backends.mkl.is_available()
+
+
+def sparse_align_min_rois(batch: int, height: int, width: int, bins: int, sampling_ratio: int) -> int:
+    """The fewest RoIs for which the sparse form beats torchvision's CPU kernel on a level.
+
+    The sparse form pays a fixed price per level, the transposes of the whole map and of its
+    gradient (``batch * H * W`` cells), while the kernel's cost grows with the RoIs, their bins and
+    points. Measured forward + backward, 256 channels, 7 x 7 bins, 2 x 2 points, two images, one
+    thread (this session's ``benchmarks/bench_ops.py``-style runs): at 144 x 256 the sparse form
+    lost with 64 RoIs (0.76x) and won with 256 (2.0x); at 72 x 128 it lost with 16 (0.73x) and won
+    with 64 (2.0x); at 36 x 64 it won from 16 (1.5x). ``batch * H * W / (4 * bins * points)``
+    asks for 94, 24 and 6 RoIs there: at or past each crossover.
+    """
+    return math.ceil(batch * height * width / (4 * bins * sampling_ratio**2))
 
 
 def _axis_entries(start: Tensor, size: Tensor, bins: int, points: int, cells: int) -> tuple[Tensor, Tensor]:
