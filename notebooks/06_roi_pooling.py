@@ -233,7 +233,8 @@ for name, result in kernels.items():
 # gradient the map receives is `S^T @ upstream`, two sparse products and no loop.
 # `rpnlab.detector.roi_sparse` stores `S` as compressed sparse rows and lets MKL's sparse BLAS
 # multiply; the detector's `RoIPooler` takes this path on a CPU for maps too large for the two
-# small dense matrices above (`RoIConfig(implementation="auto")`, the default). The same check
+# small dense matrices above, when the level has enough RoIs to pay for transposing the map
+# (`sparse_align_min_rois`; `RoIConfig(implementation="auto")`, the default). The same check
 # against torchvision, on the CPU:
 
 # %%

@@ -1,6 +1,7 @@
 """Memory accounting from /proc/self/status: its parts, a sampled peak, and why not ru_maxrss."""
 
 import json
+import mmap
 import subprocess
 import sys
 import time
@@ -33,13 +34,19 @@ def test_the_parts_add_up_and_an_allocation_shows_in_the_anonymous_peak():
     now = memory_status()
     assert abs(now["anon_mb"] + now["file_mb"] + now["shmem_mb"] - now["rss_mb"]) < 1
     with PeakMemory(interval=0.005) as mem:
-        block = np.ones(96 * 2**20 // 8)  # 96 MB, every page written
+        # 96 MB of fresh private pages, every one written: a private anonymous mapping of its own,
+        # not the heap (np.ones there once reused pages an earlier test in the worker had freed
+        # but glibc kept resident, and the anonymous memory did not grow at all)
+        block = mmap.mmap(-1, 96 * 2**20, flags=mmap.MAP_PRIVATE)
+        pages = np.frombuffer(block, dtype=np.uint8)
+        pages[:] = 1
         # Keep it until the sampling thread has read the status once more (on a busy machine it
         # may not run for a while: a fixed 50 ms once missed it in CI), at most 5 s.
         deadline = time.monotonic() + 5.0
         while mem.peak["anon_mb"] - mem.start["anon_mb"] < 80 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        del pages
+        block.close()
     grown = mem.peak["anon_mb"] - mem.start["anon_mb"]
     assert 80 < grown < 200, grown
     assert mem.peak["rss_mb"] >= mem.start["rss_mb"] + 80
