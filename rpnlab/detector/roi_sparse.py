@@ -14,8 +14,8 @@ and point by point on one thread, and its backward adds the 4 bilinear shares of
 the map one value at a time. The sparse products run in MKL's sparse BLAS, which reads each row of
 ``S`` once and streams all ``C`` channels. What they cost beyond the arithmetic is layout: each
 direction transposes the image's map (or its gradient) once between ``(C, H * W)`` and
-``(H * W, C)``. Measured (``benchmarks/bench_ops.py``, ``roi`` rows): about 2-3x faster
-than the kernel forward + backward at ResNet-50 FPN's levels.
+``(H * W, C)``. Measured (``benchmarks/bench_ops.py``, the FPN RoI Align row): 2.6-3.6x faster
+than the kernel forward + backward over ResNet-50 FPN's levels with 1024 RoIs.
 
 The weights are those of ``rpnlab.detector.roi.roi_align`` (same point positions, same border
 rule), so values and gradients equal torchvision's up to float rounding. Only a fixed sampling
@@ -49,7 +49,7 @@ def sparse_align_min_rois(batch: int, height: int, width: int, bins: int, sampli
     The sparse form pays a fixed price per level, the transposes of the whole map and of its
     gradient (``batch * H * W`` cells), while the kernel's cost grows with the RoIs, their bins and
     points. Measured forward + backward, 256 channels, 7 x 7 bins, 2 x 2 points, two images, one
-    thread (this session's ``benchmarks/bench_ops.py``-style runs): at 144 x 256 the sparse form
+    thread (``docs/results/bench_ops_cpu.md``, fifth session): at 144 x 256 the sparse form
     lost with 64 RoIs (0.76x) and won with 256 (2.0x); at 72 x 128 it lost with 16 (0.73x) and won
     with 64 (2.0x); at 36 x 64 it won from 16 (1.5x). ``batch * H * W / (4 * bins * points)``
     asks for 94, 24 and 6 RoIs there: at or past each crossover.
