@@ -107,18 +107,22 @@ def compare_roi_kernels(
     }
     results = {}
     for name, (ours, theirs, kwargs) in pairs.items():
-        out_ours, grad_ours, upstream = _forward_backward(ours, features, rois, None, **kwargs)
-        out_theirs, grad_theirs, _ = _forward_backward(theirs, features, rois, upstream, **kwargs)
-        run_ours = functools.partial(_forward_backward, ours, features, rois, upstream, **kwargs)
-        run_theirs = functools.partial(_forward_backward, theirs, features, rois, upstream, **kwargs)
-        results[name] = {
-            "forward_max_diff": float((out_ours - out_theirs).abs().max()) if out_ours.numel() else 0.0,
-            "grad_max_diff": float((grad_ours - grad_theirs).abs().max()),
-            "python_seconds": time_call(run_ours, repeat=repeat),
-            "torchvision_seconds": time_call(run_theirs, repeat=repeat),
-        }
+        diffs, ours_s, theirs_s = _compare_pair(ours, theirs, features, rois, kwargs, repeat)
+        results[name] = {**diffs, "python_seconds": ours_s, "torchvision_seconds": theirs_s}
     return results
 
+
+def _compare_pair(ours: Callable[..., Tensor], theirs: Callable[..., Tensor], features: Tensor, rois: Tensor,
+                  kwargs: dict, repeat: int) -> tuple[dict[str, float], float, float]:
+    """Largest output and gradient differences (the same random upstream gradient for both) and
+    the median seconds of one forward + backward of each."""
+    out_ours, grad_ours, upstream = _forward_backward(ours, features, rois, None, **kwargs)
+    out_theirs, grad_theirs, _ = _forward_backward(theirs, features, rois, upstream, **kwargs)
+    diffs = {"forward_max_diff": float((out_ours - out_theirs).abs().max()) if out_ours.numel() else 0.0,
+             "grad_max_diff": float((grad_ours - grad_theirs).abs().max())}
+    seconds = [time_call(functools.partial(_forward_backward, op, features, rois, upstream, **kwargs), repeat=repeat)
+               for op in (ours, theirs)]
+    return diffs, seconds[0], seconds[1]
 
 
 def sparse_align_check(
@@ -154,18 +158,12 @@ def sparse_align_check(
     rows, columns = matrix.shape if matrix is not None else (0, features.shape[-2] * features.shape[-1])
     kwargs = {"output_size": size, "spatial_scale": spatial_scale, "sampling_ratio": sampling_ratio,
               "aligned": aligned}
-    out_ours, grad_ours, upstream = _forward_backward(roi_align_sparse, features, rois, None, **kwargs)
-    out_theirs, grad_theirs, _ = _forward_backward(torchvision.ops.roi_align, features, rois, upstream, **kwargs)
-    return {
-        "rows": rows, "columns": columns, "entries_per_row": 4 * sampling_ratio**2,
-        "density": 4 * sampling_ratio**2 / columns,
-        "forward_max_diff": float((out_ours - out_theirs).abs().max()) if out_ours.numel() else 0.0,
-        "grad_max_diff": float((grad_ours - grad_theirs).abs().max()),
-        "sparse_seconds": time_call(functools.partial(_forward_backward, roi_align_sparse, features, rois,
-                                                      upstream, **kwargs), repeat=repeat),
-        "torchvision_seconds": time_call(functools.partial(_forward_backward, torchvision.ops.roi_align, features,
-                                                           rois, upstream, **kwargs), repeat=repeat),
-    }
+    diffs, sparse_s, torchvision_s = _compare_pair(roi_align_sparse, torchvision.ops.roi_align, features, rois,
+                                                   kwargs, repeat)
+    return {"rows": rows, "columns": columns, "entries_per_row": 4 * sampling_ratio**2,
+            "density": 4 * sampling_ratio**2 / columns, **diffs,
+            "sparse_seconds": sparse_s, "torchvision_seconds": torchvision_s}
+
 
 def detection_funnel(
     class_logits: Tensor,
